@@ -1,0 +1,47 @@
+// Package jobs holds billingd's River jobs, one file per kind: its args, its worker, the rules
+// that only it uses, and its tests. The daemon (package worker) wires them in through Register
+// and PeriodicJobs; it holds none of their logic.
+package jobs
+
+import (
+	"log/slog"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/riverqueue/river"
+
+	"github.com/billingd/billingd/internal/config"
+)
+
+// Queues billingd works. Charges have their own queue so that a backlog of webhooks or
+// notifications never delays money, and the reverse.
+const (
+	QueueDefault       = river.QueueDefault
+	QueueCharges       = "charges"
+	QueueWebhooks      = "webhooks"
+	QueueNotifications = "notifications"
+)
+
+// Deps is what workers share: the database, Stripe, the logger and the settings.
+type Deps struct {
+	Pool   *pgxpool.Pool
+	Logger *slog.Logger
+	Config *config.Config
+}
+
+// Kinds lists the job kinds that Register adds.
+func Kinds() []string { return nil }
+
+// Register adds every job kind's worker to workers.
+func Register(workers *river.Workers, d *Deps) error {
+	_ = d
+	_ = workers
+	return nil
+}
+
+// PeriodicJobs returns the periodic jobs of the daemon. River runs them on the elected leader
+// only; each is a trigger, and what it acts on lives in the database, so a restart or a new
+// leader misses nothing and repeats nothing.
+func PeriodicJobs(d *Deps) ([]*river.PeriodicJob, error) {
+	_ = d
+	return nil, nil
+}

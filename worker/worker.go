@@ -1,0 +1,165 @@
+// Package worker is the billingd daemon: the River client that runs the jobs, the periodic
+// triggers, the HTTP server (webhooks, recovery links, health, metrics) and the lifecycle that
+// ties them to the process's signals.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+
+	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/jobs"
+)
+
+// Daemon is one billingd replica. Several may share one database: River elects one leader for
+// periodic jobs and every replica works jobs from the shared queues.
+type Daemon struct {
+	cfg    *config.Config
+	logger *slog.Logger
+	pool   *pgxpool.Pool
+	river  *river.Client[pgx.Tx]
+	http   *http.Server
+	ready  atomic.Bool
+}
+
+// New builds a daemon on an open pool. It does not start anything.
+func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, error) {
+	deps := &jobs.Deps{Pool: pool, Logger: logger, Config: cfg}
+	client, err := NewRiverClient(pool, cfg, deps)
+	if err != nil {
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, logger: logger, pool: pool, river: client}
+	d.http = &http.Server{
+		Addr:              cfg.HTTPAddr,
+		Handler:           d.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	return d, nil
+}
+
+// NewRiverClient returns the River client with billingd's queues, workers and periodic jobs.
+// Tests and benchmarks build their clients here too, so that they run what production runs.
+func NewRiverClient(pool *pgxpool.Pool, cfg *config.Config, deps *jobs.Deps) (*river.Client[pgx.Tx], error) {
+	workers := river.NewWorkers()
+	if err := jobs.Register(workers, deps); err != nil {
+		return nil, fmt.Errorf("register workers: %w", err)
+	}
+	periodic, err := jobs.PeriodicJobs(deps)
+	if err != nil {
+		return nil, fmt.Errorf("periodic jobs: %w", err)
+	}
+	queues := map[string]river.QueueConfig{
+		jobs.QueueCharges:       {MaxWorkers: cfg.MaxWorkers},
+		jobs.QueueDefault:       {MaxWorkers: 10},
+		jobs.QueueWebhooks:      {MaxWorkers: 10},
+		jobs.QueueNotifications: {MaxWorkers: 5},
+	}
+	if len(jobs.Kinds()) == 0 {
+		queues = nil // TODO(foundation): no job kinds yet; an insert-only client until the charge job lands
+	}
+	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{
+		Logger:       deps.Logger,
+		Queues:       queues,
+		Workers:      workers,
+		PeriodicJobs: periodic,
+		// River's fetch loop caps throughput near MaxWorkers per FetchCooldown; the default
+		// 100 ms would hold 20 workers near 200 jobs/s. See DESIGN.md.
+		FetchCooldown:        cfg.FetchCooldown,
+		SoftStopTimeout:      cfg.SoftStopTimeout,
+		RescueStuckJobsAfter: 10 * time.Minute,
+		JobTimeout:           2 * time.Minute,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("river client: %w", err)
+	}
+	return client, nil
+}
+
+// River returns the daemon's River client.
+func (d *Daemon) River() *river.Client[pgx.Tx] { return d.river }
+
+// Run starts the River client and the HTTP server and blocks until ctx is done (SIGINT or
+// SIGTERM in the binary). It then stops gracefully: the daemon reports not ready, River stops
+// fetching and lets running jobs finish within SoftStopTimeout (then cancels them), and the
+// HTTP server drains. It returns nil after a clean stop.
+func (d *Daemon) Run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", d.cfg.HTTPAddr)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", d.cfg.HTTPAddr, err)
+	}
+	return d.Serve(ctx, ln)
+}
+
+// Serve is Run on a listener the caller opened (tests listen on port 0).
+func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
+	// Jobs must not be cancelled by the signal itself: River's stop is driven below.
+	if len(jobs.Kinds()) == 0 {
+		// TODO(foundation): nothing to work until the first job kind lands.
+	} else if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
+		ln.Close()
+		return fmt.Errorf("start river: %w", err)
+	}
+	httpErr := make(chan error, 1)
+	go func() { httpErr <- d.http.Serve(ln) }()
+	d.ready.Store(true)
+	d.logger.Info("billingd started", "http_addr", ln.Addr().String(), "max_workers", d.cfg.MaxWorkers)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		d.logger.Info("stopping: finishing running jobs", "soft_stop_timeout", d.cfg.SoftStopTimeout)
+	case err := <-httpErr:
+		runErr = fmt.Errorf("http server: %w", err)
+	}
+	d.ready.Store(false)
+	return errors.Join(runErr, d.stop())
+}
+
+func (d *Daemon) stop() error {
+	done := make(chan error, 1)
+	go func() {
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		done <- d.http.Shutdown(shutdownCtx)
+	}()
+
+	var riverErr error
+	if len(jobs.Kinds()) == 0 {
+		return <-done
+	}
+	softCtx, cancel := context.WithTimeout(context.Background(), d.cfg.SoftStopTimeout)
+	defer cancel()
+	if err := d.river.Stop(softCtx); err != nil {
+		d.logger.Warn("jobs still running after the soft-stop timeout; cancelling them", "error", err)
+		hardCtx, cancelHard := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancelHard()
+		if err := d.river.StopAndCancel(hardCtx); err != nil {
+			riverErr = fmt.Errorf("stop river: %w", err)
+		}
+	}
+	httpErr := <-done
+	if httpErr != nil {
+		httpErr = fmt.Errorf("drain http: %w", httpErr)
+	}
+	if err := errors.Join(riverErr, httpErr); err != nil {
+		return err
+	}
+	d.logger.Info("billingd stopped")
+	return nil
+}

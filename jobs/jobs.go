@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
+	"github.com/stripe/stripe-go/v82"
 
 	"github.com/billingd/billingd/internal/config"
 )
@@ -24,6 +25,7 @@ const (
 // Deps is what workers share: the database, Stripe, the logger and the settings.
 type Deps struct {
 	Pool   *pgxpool.Pool
+	Stripe *stripe.Client
 	Logger *slog.Logger
 	Config *config.Config
 }

@@ -153,3 +153,18 @@ func TestDaemonStartsReadyAndStopsOnSIGTERM(t *testing.T) {
 	hc.Env = append(os.Environ(), "BILLING_HTTP_ADDR="+addr)
 	require.Error(t, hc.Run())
 }
+
+func TestStatusReportsCharges(t *testing.T) {
+	t.Parallel()
+	dbURL := dbtest.NewDB(t)
+	pool := dbtest.Pool(t, dbURL)
+	c := dbtest.NewCustomer(t, pool, dbtest.CustomerOpts{Ref: "status-1"})
+	_, err := pool.Exec(context.Background(), `insert into billing.charges (customer_id, source, amount, currency, description, requested_by)
+		values ($1, 'adhoc', 1234, 'jpy', 'fee', 'finance'), ($1, 'adhoc', 99, 'usd', 'fee', 'finance')`, c.ID)
+	require.NoError(t, err)
+	var out bytes.Buffer
+	require.NoError(t, run(context.Background(), []string{"status"}, envOf(map[string]string{"DATABASE_URL": dbURL}), &out, &bytes.Buffer{}))
+	require.Regexp(t, `pending\s+jpy\s+1\s+1234`, out.String())
+	require.Regexp(t, `pending\s+usd\s+1\s+99`, out.String())
+	require.Contains(t, out.String(), "Job queues")
+}

@@ -22,6 +22,11 @@ create unique index charge_attempts_payment_intent_key on billing.charge_attempt
     where payment_intent_id is not null;
 
 alter table billing.charge_attempts
+    -- The River job sending the attempt: a duplicate job leaves a live attempt to its owner,
+    -- a River retry of the owner (same job id) resumes it with the same key.
+    add column job_id bigint,
+    -- The description sent, so that a replay of the key sends exactly the same request.
+    add column description text,
     -- Stripe's error message (never a secret), for the operator reading the attempt.
     add column error_message text,
     -- Who settled the attempt: the charge job, a webhook, or the reconcile job.
@@ -42,8 +47,9 @@ begin
             using errcode = 'check_violation';
     end if;
     if new.idempotency_key is distinct from old.idempotency_key or new.charge_id is distinct from old.charge_id
-       or new.attempt_no is distinct from old.attempt_no or new.payment_method_id is distinct from old.payment_method_id then
-        raise exception 'charge attempt %: key, charge, number and payment method are fixed once recorded', old.id
+       or new.attempt_no is distinct from old.attempt_no or new.payment_method_id is distinct from old.payment_method_id
+       or new.description is distinct from old.description then
+        raise exception 'charge attempt %: key, charge, number, payment method and description are fixed once recorded', old.id
             using errcode = 'check_violation';
     end if;
     return new;
@@ -70,6 +76,8 @@ alter table billing.charge_attempts
     drop constraint charge_attempts_settled_check,
     drop column note,
     drop column settled_by,
+    drop column description,
+    drop column job_id,
     drop column error_message;
 drop index billing.charge_attempts_payment_intent_key;
 drop index billing.payment_methods_fingerprint_idx;

@@ -495,7 +495,11 @@ func insertCharge(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], 
 	if client == nil {
 		client = river.ClientFromContext[pgx.Tx](ctx)
 	}
-	if _, err := client.InsertTx(ctx, tx, ChargeArgs{ChargeID: id}, &river.InsertOpts{ScheduledAt: at}); err != nil {
+	opts := &river.InsertOpts{}
+	if at.After(time.Now()) {
+		opts.ScheduledAt = at // else available at once, without waiting for River's scheduler
+	}
+	if _, err := client.InsertTx(ctx, tx, ChargeArgs{ChargeID: id}, opts); err != nil {
 		return fmt.Errorf("insert charge job for charge %d: %w", id, err)
 	}
 	return nil

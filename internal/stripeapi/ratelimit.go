@@ -6,6 +6,7 @@ import (
 	"math"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -14,20 +15,24 @@ import (
 // Limiter paces calls to Stripe at a rate that holds for every replica sharing one database.
 //
 // It is a generic cell rate algorithm kept in one row of billing.rate_limits: next_free is the
-// time of the next free request slot. A replica leases a few consecutive slots in one short
-// UPDATE (about 20 ms worth at its rate) and hands them to its callers in order; each caller
-// sleeps until its slot. Slots follow one another at 1/rate across all replicas, so no second
-// (and no shorter window, bar one slot) holds more than the rate allows. A slot not used within
-// one interval of its time is dropped rather than spent late, so that idle capacity never turns
+// time of the next free request slot. A replica leases as many consecutive slots as it has
+// callers waiting (at most 20 ms worth at its rate) in one short UPDATE, and each caller sleeps
+// until its slot. Slots follow one another at 1/rate across all replicas, so no second (and no
+// shorter window, bar one slot) holds more than the rate allows; leasing only for callers that
+// wait keeps idle replicas from holding capacity. A slot not used within one interval (at
+// least 5 ms) of its time is dropped rather than spent late, so that idle capacity never turns
 // into a burst. Times come from the database's clock and are turned into local waits, so clock
 // skew between replicas does not matter.
 //
 // A Limiter is safe for concurrent use. The zero value is not usable; call NewLimiter.
 type Limiter struct {
-	pool     *pgxpool.Pool
-	name     string
-	interval time.Duration
-	batch    int
+	pool      *pgxpool.Pool
+	name      string
+	interval  time.Duration
+	maxBatch  int
+	tolerance time.Duration
+
+	waiting atomic.Int64 // callers in Wait that have no slot yet
 
 	mu    sync.Mutex
 	slots []time.Time // local times of leased slots, ascending
@@ -43,8 +48,9 @@ func NewLimiter(pool *pgxpool.Pool, name string, rps float64) (*Limiter, error) 
 	if interval < time.Microsecond {
 		interval = time.Microsecond
 	}
-	batch := int(math.Ceil(rps / 50)) // 20 ms of slots per lease
-	return &Limiter{pool: pool, name: name, interval: interval, batch: min(max(batch, 1), 1000)}, nil
+	batch := int(math.Ceil(rps / 50)) // 20 ms of slots at most per lease
+	return &Limiter{pool: pool, name: name, interval: interval, maxBatch: min(max(batch, 1), 1000),
+		tolerance: max(interval, 5*time.Millisecond)}, nil
 }
 
 // leaseQuery moves the row's next free slot forward by n intervals (from now, if it lies in the
@@ -78,11 +84,13 @@ func (l *Limiter) Wait(ctx context.Context) error {
 
 // take returns the local time of the caller's slot, leasing more when none is left.
 func (l *Limiter) take(ctx context.Context) (time.Time, error) {
+	l.waiting.Add(1)
+	defer l.waiting.Add(-1)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for {
 		now := time.Now()
-		for len(l.slots) > 0 && now.Sub(l.slots[0]) > l.interval {
+		for len(l.slots) > 0 && now.Sub(l.slots[0]) > l.tolerance {
 			l.slots = l.slots[1:] // too late to use without bunching up with later slots
 		}
 		if len(l.slots) > 0 {
@@ -90,25 +98,24 @@ func (l *Limiter) take(ctx context.Context) (time.Time, error) {
 			l.slots = l.slots[1:]
 			return s, nil
 		}
-		if err := l.lease(ctx); err != nil {
+		// Lease for every caller waiting now (they queue on mu behind this one).
+		n := min(max(int(l.waiting.Load()), 1), l.maxBatch)
+		if err := l.lease(ctx, n); err != nil {
 			return time.Time{}, err
 		}
 	}
 }
 
-func (l *Limiter) lease(ctx context.Context) error {
-	span := int64(l.batch) * l.interval.Microseconds()
-	if span < int64(l.batch) {
-		span = int64(l.batch) // at least a microsecond per slot
-	}
+func (l *Limiter) lease(ctx context.Context, n int) error {
+	step := max(l.interval.Microseconds(), 1)
+	span := int64(n) * step
 	var waitMicros int64
 	if err := l.pool.QueryRow(ctx, leaseQuery, l.name, span).Scan(&waitMicros); err != nil {
 		return fmt.Errorf("lease rate limit %q: %w", l.name, err)
 	}
 	first := time.Now().Add(time.Duration(waitMicros) * time.Microsecond)
-	step := time.Duration(span/int64(l.batch)) * time.Microsecond
-	for i := range l.batch {
-		l.slots = append(l.slots, first.Add(time.Duration(i)*step))
+	for i := range n {
+		l.slots = append(l.slots, first.Add(time.Duration(int64(i)*step)*time.Microsecond))
 	}
 	return nil
 }

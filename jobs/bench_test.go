@@ -156,4 +156,3 @@ func BenchmarkChargeRateLimited(b *testing.B) {
 			n, sustained, rate, tooMany, tries-n)
 	}
 }
-

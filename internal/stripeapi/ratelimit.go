@@ -16,8 +16,8 @@ import (
 //
 // It is a generic cell rate algorithm kept in one row of billing.rate_limits: next_free is the
 // time of the next free request slot. A replica leases as many consecutive slots as it has
-// callers waiting (at most 20 ms worth at its rate) in one short UPDATE, and each caller sleeps
-// until its slot. Slots follow one another at 1/rate across all replicas, so no second (and no
+// callers waiting (at most 250 ms worth at its rate) in one short UPDATE, and each caller
+// sleeps until its slot. Slots follow one another at 1/rate across all replicas, so no second (and no
 // shorter window, bar one slot) holds more than the rate allows; leasing only for callers that
 // wait keeps idle replicas from holding capacity. A slot not used within one interval (at
 // least 5 ms) of its time is dropped rather than spent late, so that idle capacity never turns
@@ -48,7 +48,7 @@ func NewLimiter(pool *pgxpool.Pool, name string, rps float64) (*Limiter, error) 
 	if interval < time.Microsecond {
 		interval = time.Microsecond
 	}
-	batch := int(math.Ceil(rps / 50)) // 20 ms of slots at most per lease
+	batch := int(math.Ceil(rps / 4)) // 250 ms of slots at most per lease
 	return &Limiter{pool: pool, name: name, interval: interval, maxBatch: min(max(batch, 1), 1000),
 		tolerance: max(interval, 5*time.Millisecond)}, nil
 }

@@ -195,7 +195,56 @@ $$;
 comment on function billing.start_setup(text, text, text, text, text) is
     'Begin saving a payment method: returns the setup session id; the hosted URL appears in billing.setup_sessions and on NOTIFY channel billing_setup.';
 
+-- billing.set_stripe_account links a customer to its customer-configured Stripe Account
+-- (Accounts v2), for BILLING_STRIPE_CUSTOMER_MODEL=account: billingd cannot create Accounts
+-- (stripe-go v82 has no Accounts v2 API), so the application creates the Account and links it
+-- here, before or after billing.start_setup. It creates the customer when needed and returns its
+-- id. An Account already linked to another customer, or a different Account already linked to
+-- this one, is refused (22023): Stripe objects are never silently re-pointed.
+-- +goose StatementBegin
+create function billing.set_stripe_account(customer_ref text, stripe_account_id text) returns bigint
+language plpgsql as $$
+#variable_conflict use_column
+declare
+    v_ref      text := btrim(set_stripe_account.customer_ref);
+    v_acct     text := btrim(set_stripe_account.stripe_account_id);
+    v_customer bigint;
+    v_current  text;
+begin
+    if v_ref is null or v_ref = '' then
+        raise exception 'customer_ref is required'
+            using errcode = 'invalid_parameter_value',
+                  hint = 'Pass the application''s own reference for the customer, e.g. ''user-42''.';
+    end if;
+    if v_acct is null or v_acct !~ '^acct_[A-Za-z0-9]+$' then
+        raise exception 'stripe_account_id % is not a Stripe Account id', coalesce(quote_literal(set_stripe_account.stripe_account_id), 'null')
+            using errcode = 'invalid_parameter_value',
+                  hint = 'Pass the id of the customer-configured Account, like ''acct_1Nv0FGQ9RKHgCVdK''.';
+    end if;
+    insert into billing.customers as c (customer_ref) values (v_ref)
+    on conflict (customer_ref) do update set updated_at = c.updated_at
+    returning c.id, c.stripe_account_id into v_customer, v_current;
+    if v_current = v_acct then
+        return v_customer;
+    end if;
+    if v_current is not null then
+        raise exception 'customer % is already linked to another Stripe Account', quote_literal(v_ref)
+            using errcode = 'invalid_parameter_value',
+                  hint = 'A customer''s Account is not replaced; use a new customer_ref for another Account.';
+    end if;
+    if exists (select 1 from billing.customers c where c.stripe_account_id = v_acct) then
+        raise exception 'Stripe Account % is already linked to another customer', v_acct
+            using errcode = 'invalid_parameter_value',
+                  hint = 'One Account belongs to one customer.';
+    end if;
+    update billing.customers set stripe_account_id = v_acct, updated_at = now() where id = v_customer;
+    return v_customer;
+end
+$$;
+-- +goose StatementEnd
+
 -- +goose Down
+drop function billing.set_stripe_account(text, text);
 drop function billing.start_setup(text, text, text, text, text);
 drop trigger setup_sessions_notify on billing.setup_sessions;
 drop function billing.setup_sessions_notify();

@@ -1,11 +1,14 @@
 package stripefake_test
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -339,6 +342,7 @@ func BenchmarkCreatePaymentIntent(b *testing.B) {
 	}
 	var n int64
 	var mu sync.Mutex
+	b.SetParallelism(16) // many clients in flight, like a pool of charge workers
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
@@ -353,4 +357,43 @@ func BenchmarkCreatePaymentIntent(b *testing.B) {
 		}
 	})
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "PIs/s")
+}
+
+// BenchmarkServeCreatePaymentIntent measures the emulator alone: off-session
+// charges handed straight to ServeHTTP, without sockets or a client.
+func BenchmarkServeCreatePaymentIntent(b *testing.B) {
+	fake := stripefake.New()
+	defer fake.Close()
+	rec := httptest.NewRecorder()
+	fake.ServeHTTP(rec, newFormRequest("/v1/customers", "email=b%40example.com", ""))
+	var cus struct{ ID string }
+	if err := json.Unmarshal(rec.Body.Bytes(), &cus); err != nil {
+		b.Fatal(err)
+	}
+	var n atomic.Int64
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			id := strconv.FormatInt(n.Add(1), 10)
+			body := "amount=1000&currency=usd&confirm=true&off_session=true&payment_method=pm_card_visa" +
+				"&payment_method_types[0]=card&customer=" + cus.ID + "&metadata[charge_id]=" + id
+			rec := httptest.NewRecorder()
+			fake.ServeHTTP(rec, newFormRequest("/v1/payment_intents", body, "k"+id))
+			if rec.Code != http.StatusOK {
+				b.Errorf("status %d: %s", rec.Code, rec.Body)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "PIs/s")
+}
+
+func newFormRequest(path, body, idemKey string) *http.Request {
+	r := httptest.NewRequest(http.MethodPost, path, strings.NewReader(body))
+	r.Header.Set("Authorization", "Bearer "+testKey)
+	r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	if idemKey != "" {
+		r.Header.Set("Idempotency-Key", idemKey)
+	}
+	return r
 }

@@ -80,6 +80,7 @@ type options struct {
 	apiKeys       map[string]bool
 	searchLag     time.Duration
 	httpClient    *http.Client
+	keepEvents    int
 }
 
 // Option configures a Server.
@@ -158,6 +159,14 @@ func WithAPIKeys(keys ...string) Option {
 // search index lags writes ("usually less than a minute"). Default 0.
 func WithSearchLag(d time.Duration) Option {
 	return func(o *options) { o.searchLag = d }
+}
+
+// WithEventRetention keeps only the newest n events (and the newest n
+// records of deliveries), forgetting older ones, to bound memory in long
+// benchmark runs. Stored objects are always kept. Default 0: keep all.
+// Combine with [WithIdempotencyTTL] to bound the stored idempotent answers.
+func WithEventRetention(n int) Option {
+	return func(o *options) { o.keepEvents = n }
 }
 
 // WithHTTPClient sets the client used to deliver webhooks.

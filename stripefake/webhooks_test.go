@@ -190,3 +190,19 @@ func TestWaitForDeliveriesHonoursContext(t *testing.T) {
 	defer cancel()
 	require.ErrorIs(t, b.fake.WaitForDeliveries(ctx), context.DeadlineExceeded, "a retry is still waiting")
 }
+
+func TestEventRetention(t *testing.T) {
+	t.Parallel()
+	b := setup(t, stripefake.WithEventRetention(3))
+	b.customer(t)
+	first := b.fake.Events()[0].ID
+	for range 4 {
+		b.customer(t)
+	}
+	kept := b.fake.Events()
+	require.Len(t, kept, 3)
+	_, err := b.sc.V1Events.Retrieve(t.Context(), first, nil)
+	require.Equal(t, 404, stripeErr(t, err).HTTPStatusCode, "the oldest event is forgotten")
+	_, err = b.sc.V1Events.Retrieve(t.Context(), kept[0].ID, nil)
+	require.NoError(t, err)
+}

@@ -50,6 +50,8 @@ func run(ctx context.Context, args []string, stdout io.Writer, logger *slog.Logg
 		"secret webhooks are signed with, whsec_... (env STRIPE_WEBHOOK_SECRET)")
 	rps := fs.Float64("rate-limit", 0, "API requests per second before 429 rate_limit; 0 means no limit (Stripe live mode: 100)")
 	seed := fs.Uint64("seed", 1, "seed for probabilistic faults and duplicate deliveries")
+	publicURL := fs.String("public-url", os.Getenv("STRIPEFAKE_PUBLIC_URL"),
+		"base URL of hosted Checkout pages when browsers reach the emulator by another name than the API clients; default: the Host of each API request (env STRIPEFAKE_PUBLIC_URL)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil
@@ -64,12 +66,16 @@ func run(ctx context.Context, args []string, stdout io.Writer, logger *slog.Logg
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", *addr, err)
 	}
-	fake := stripefake.New(
+	opts := []stripefake.Option{
 		stripefake.WithWebhook(*hookURL, *hookSecret),
 		stripefake.WithRateLimit(*rps, int(*rps)),
 		stripefake.WithSeed(*seed),
 		stripefake.WithLogger(logger),
-	)
+	}
+	if *publicURL != "" {
+		opts = append(opts, stripefake.WithBaseURL(*publicURL))
+	}
+	fake := stripefake.New(opts...)
 	defer fake.Close()
 	srv := &http.Server{Handler: fake, ReadHeaderTimeout: 10 * time.Second}
 

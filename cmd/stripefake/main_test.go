@@ -40,7 +40,8 @@ func TestRun(t *testing.T) {
 	out, w := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, []string{"-addr", "127.0.0.1:0", "-webhook-url", hook.URL, "-webhook-secret", secret},
+		done <- run(ctx, []string{"-addr", "127.0.0.1:0", "-webhook-url", hook.URL, "-webhook-secret", secret,
+			"-public-url", "http://pay.demo.example:8443"},
 			w, slog.New(slog.DiscardHandler))
 		_ = w.Close()
 	}()
@@ -54,6 +55,9 @@ func TestRun(t *testing.T) {
 	c, err := sc.V1Customers.Create(t.Context(), stripeapi.CustomerCreate("ref-cmd", "cmd@example.com"))
 	require.NoError(t, err)
 	require.Equal(t, "cmd@example.com", c.Email)
+	cs, err := sc.V1CheckoutSessions.Create(t.Context(), stripeapi.SetupSession(c.ID, "usd", "https://a.example/ok", "https://a.example/no", nil, ""))
+	require.NoError(t, err)
+	require.Equal(t, "http://pay.demo.example:8443/c/pay/"+cs.ID, cs.URL)
 
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -66,7 +70,7 @@ func TestRun(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	mu.Lock()
-	require.Equal(t, []string{"customer.created"}, got)
+	require.Equal(t, []string{"customer.created"}, got, "only one event exists when the first delivery is awaited")
 	mu.Unlock()
 
 	cancel()

@@ -116,6 +116,16 @@ func (h *harness) waitJobs(t *testing.T, kinds ...string) {
 	}, 20*time.Second, 10*time.Millisecond)
 }
 
+// waitCompleted waits until n jobs of kind have completed.
+func (h *harness) waitCompleted(t *testing.T, kind string, n int) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		var done int
+		err := h.pool.QueryRow(context.Background(), `select count(*) from river_job where kind = $1 and state = 'completed'`, kind).Scan(&done)
+		return err == nil && done >= n
+	}, 30*time.Second, 10*time.Millisecond)
+}
+
 // eventStatus returns the status and note of a stored event.
 func (h *harness) eventStatus(t *testing.T, id string) (status, note string) {
 	t.Helper()

@@ -14,6 +14,7 @@ import (
 	"github.com/stripe/stripe-go/v82"
 
 	"github.com/billingd/billingd/internal/metrics"
+	"github.com/billingd/billingd/internal/stripeapi"
 )
 
 // IngestEventArgs asks for one stored Stripe event (billing.webhook_events) to be applied. The
@@ -536,7 +537,7 @@ func (w *IngestEventWorker) retrieveSavedMethod(ctx context.Context, s *setupRow
 	if w.deps.Stripe == nil {
 		return nil, nil, errors.New("no Stripe client configured")
 	}
-	si, err := w.deps.Stripe.V1SetupIntents.Retrieve(ctx, cs.SetupIntent.ID, retrieveSetupIntentParams())
+	si, err := w.deps.Stripe.V1SetupIntents.Retrieve(ctx, cs.SetupIntent.ID, stripeapi.SetupIntentRetrieve())
 	if err != nil {
 		return nil, permanentOutcome(err, "retrieve setup intent "+cs.SetupIntent.ID), fmt.Errorf("retrieve setup intent %s: %w", cs.SetupIntent.ID, err)
 	}
@@ -578,7 +579,7 @@ func (w *IngestEventWorker) retrieveSavedMethod(ctx context.Context, s *setupRow
 		// Checkout attached it to the session's customer; unattached now means detached since.
 		saved.attached = false
 	case pmOwner.isZero():
-		attached, err := w.deps.Stripe.V1PaymentMethods.Attach(ctx, pm.ID, attachPaymentMethodParams(pm.ID, ours.customer, ours.account))
+		attached, err := w.deps.Stripe.V1PaymentMethods.Attach(ctx, pm.ID, attachParams(ours))
 		if err != nil {
 			return nil, permanentOutcome(err, "attach payment method "+pm.ID), fmt.Errorf("attach payment method %s: %w", pm.ID, err)
 		}
@@ -633,20 +634,10 @@ func permanentOutcome(err error, what string) *outcome {
 	return nil
 }
 
-// TODO(webhooks): move to internal/stripeapi once it is merged.
-func retrieveSetupIntentParams() *stripe.SetupIntentRetrieveParams {
-	p := &stripe.SetupIntentRetrieveParams{}
-	p.AddExpand("payment_method")
-	return p
-}
-
-func attachPaymentMethodParams(pmID, customer, account string) *stripe.PaymentMethodAttachParams {
-	p := &stripe.PaymentMethodAttachParams{}
-	if account != "" {
-		p.AddExtra("customer_account", account)
-	} else {
-		p.Customer = stripe.String(customer)
+// attachParams attaches to a Customer, or to an Accounts v2 Account (customer_account).
+func attachParams(o stripeOwner) *stripe.PaymentMethodAttachParams {
+	if o.account != "" {
+		return stripeapi.PaymentMethodAttachToAccount(o.account)
 	}
-	p.SetIdempotencyKey("billingd-attach-" + pmID)
-	return p
+	return stripeapi.PaymentMethodAttach(o.customer)
 }

@@ -12,7 +12,10 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+	"github.com/riverqueue/river/rivertype"
 	"github.com/stripe/stripe-go/v82"
+
+	"github.com/billingd/billingd/internal/stripeapi"
 )
 
 // StartSetupArgs asks for the hosted Checkout Session (mode=setup) of one setup session to be
@@ -97,7 +100,7 @@ func (w *StartSetupWorker) Work(ctx context.Context, job *river.Job[StartSetupAr
 		return errors.New("no Stripe client configured")
 	}
 
-	cs, err := w.createSession(ctx, s)
+	cs, err := w.createSession(ctx, s, keyGeneration(job.Errors))
 	if err != nil {
 		var reason string
 		var se *stripe.Error
@@ -152,47 +155,52 @@ func (w *StartSetupWorker) load(ctx context.Context, id int64) (*setupToStart, e
 // Accounts v2 API); the application links one first.
 var errNoAccount = errors.New("BILLING_STRIPE_CUSTOMER_MODEL=account and the customer has no Stripe Account: link one with billing.set_stripe_account first")
 
-// createSession makes sure the customer exists at Stripe and creates the Checkout Session.
-func (w *StartSetupWorker) createSession(ctx context.Context, s *setupToStart) (*stripe.CheckoutSession, error) {
-	req := setupSessionRequest{
-		SetupSessionID: s.id,
-		CustomerRef:    s.customerRef,
-		Currency:       s.currency,
-		Usage:          s.usage,
-		TermsVersion:   s.termsVersion,
-		TermsText:      strings.Join([]string{s.agreement, s.timing, s.amount, s.canceled}, " "),
-		SuccessURL:     cmp.Or(w.deps.Config.SetupSuccessURL, strings.TrimRight(w.deps.Config.PublicURL, "/")+"/setup/done"),
-		CancelURL:      cmp.Or(w.deps.Config.SetupCancelURL, strings.TrimRight(w.deps.Config.PublicURL, "/")+"/setup/canceled"),
+// createSession makes sure the customer exists at Stripe and creates the Checkout Session, with
+// idempotency keys of key generation gen (see keyGeneration).
+func (w *StartSetupWorker) createSession(ctx context.Context, s *setupToStart, gen int) (*stripe.CheckoutSession, error) {
+	// The four things the terms must cover, shown next to the required terms checkbox.
+	terms := strings.Join([]string{s.agreement, s.timing, s.amount, s.canceled}, " ")
+	successURL := cmp.Or(w.deps.Config.SetupSuccessURL, strings.TrimRight(w.deps.Config.PublicURL, "/")+"/setup/done")
+	cancelURL := cmp.Or(w.deps.Config.SetupCancelURL, strings.TrimRight(w.deps.Config.PublicURL, "/")+"/setup/canceled")
+	meta := map[string]string{
+		"setup_session_id":            strconv.FormatInt(s.id, 10),
+		stripeapi.MetadataCustomerRef: s.customerRef,
+		"usage":                       strings.Join(s.usage, ","),
+		"terms_version":               s.termsVersion,
 	}
+	var params *stripe.CheckoutSessionCreateParams
 	if w.deps.Config.StripeCustomerModel == "account" {
 		if s.stripeAcct == nil {
 			return nil, errNoAccount
 		}
-		req.Account = *s.stripeAcct
+		params = stripeapi.OnboardingSessionForAccount(s.id, *s.stripeAcct, s.currency, successURL, cancelURL, meta, terms)
 	} else {
-		id, err := w.ensureCustomer(ctx, s)
+		id, err := w.ensureCustomer(ctx, s, gen)
 		if err != nil {
 			return nil, err
 		}
-		req.Customer = id
+		params = stripeapi.OnboardingSession(s.id, id, s.currency, successURL, cancelURL, meta, terms)
 	}
-	cs, err := w.deps.Stripe.V1CheckoutSessions.Create(ctx, setupSessionParams(req))
+	nextGeneration(params.IdempotencyKey, gen)
+	cs, err := w.deps.Stripe.V1CheckoutSessions.Create(ctx, params)
 	if err != nil {
-		return nil, fmt.Errorf("create checkout session for setup session %d: %w", s.id, err)
+		return nil, fmt.Errorf("create checkout session for setup session %d: %s%w", s.id, serverErrorMark(err), err)
 	}
 	return cs, nil
 }
 
 // ensureCustomer returns the customer's Stripe Customer id, creating the Customer when there is
-// none. The idempotency key names the billing customer, so a retry, or two setups of the same
-// customer at once, get the same Customer back.
-func (w *StartSetupWorker) ensureCustomer(ctx context.Context, s *setupToStart) (string, error) {
+// none. The idempotency key names the customer (its customer_ref), so a retry, or two setups of
+// the same customer at once, get the same Customer back.
+func (w *StartSetupWorker) ensureCustomer(ctx context.Context, s *setupToStart, gen int) (string, error) {
 	if s.stripeCustomer != nil {
 		return *s.stripeCustomer, nil
 	}
-	c, err := w.deps.Stripe.V1Customers.Create(ctx, customerParams(s.customerID, s.customerRef, deref(s.email)))
+	params := stripeapi.CustomerCreate(s.customerRef, deref(s.email))
+	nextGeneration(params.IdempotencyKey, gen)
+	c, err := w.deps.Stripe.V1Customers.Create(ctx, params)
 	if err != nil {
-		return "", fmt.Errorf("create Stripe customer for customer %d: %w", s.customerID, err)
+		return "", fmt.Errorf("create Stripe customer for customer %d: %s%w", s.customerID, serverErrorMark(err), err)
 	}
 	if _, err := w.deps.Pool.Exec(ctx, setStripeCustomerQuery, s.customerID, c.ID); err != nil {
 		return "", fmt.Errorf("store Stripe customer of customer %d: %w", s.customerID, err)
@@ -216,49 +224,36 @@ type setupSessionRequest struct {
 	SuccessURL, CancelURL string
 }
 
-// TODO(webhooks): move to internal/stripeapi once it is merged.
-func setupSessionParams(r setupSessionRequest) *stripe.CheckoutSessionCreateParams {
-	meta := map[string]string{
-		"setup_session_id": strconv.FormatInt(r.SetupSessionID, 10),
-		"customer_ref":     r.CustomerRef,
-		"usage":            strings.Join(r.Usage, ","),
-		"terms_version":    r.TermsVersion,
+// stripe5xx marks, in a job's recorded errors, an attempt that Stripe answered with a 5xx.
+const stripe5xx = "[stripe 5xx] "
+
+func serverErrorMark(err error) string {
+	var se *stripe.Error
+	if errors.As(err, &se) && se.HTTPStatusCode >= 500 {
+		return stripe5xx
 	}
-	p := &stripe.CheckoutSessionCreateParams{
-		Mode:       stripe.String(string(stripe.CheckoutSessionModeSetup)),
-		Currency:   stripe.String(r.Currency),
-		SuccessURL: stripe.String(r.SuccessURL),
-		CancelURL:  stripe.String(r.CancelURL),
-		Metadata:   meta,
-		SetupIntentData: &stripe.CheckoutSessionCreateSetupIntentDataParams{
-			Metadata: meta,
-		},
-		ConsentCollection: &stripe.CheckoutSessionCreateConsentCollectionParams{
-			TermsOfService: stripe.String("required"),
-		},
-		CustomText: &stripe.CheckoutSessionCreateCustomTextParams{
-			TermsOfServiceAcceptance: &stripe.CheckoutSessionCreateCustomTextTermsOfServiceAcceptanceParams{
-				Message: stripe.String(r.TermsText),
-			},
-		},
-	}
-	if r.Account != "" {
-		p.AddExtra("customer_account", r.Account)
-	} else {
-		p.Customer = stripe.String(r.Customer)
-	}
-	p.SetIdempotencyKey("billingd-setup-session-" + strconv.FormatInt(r.SetupSessionID, 10))
-	return p
+	return ""
 }
 
-// TODO(webhooks): move to internal/stripeapi once it is merged.
-func customerParams(customerID int64, ref, email string) *stripe.CustomerCreateParams {
-	p := &stripe.CustomerCreateParams{
-		Metadata: map[string]string{"customer_ref": ref, "billing_customer_id": strconv.FormatInt(customerID, 10)},
+// keyGeneration counts the job's earlier attempts that Stripe answered with a 5xx. Stripe stores
+// a 5xx under its idempotency key and replays it for 24 hours, so a retry with the same key could
+// never succeed: each such answer moves the keys to a new generation. Any other failure (a lost
+// connection, a 409, a 429) keeps the generation, so its retry replays the stored result. The cost
+// of a 5xx that came after Stripe did the work is one orphan object at Stripe (an unused Customer
+// or an open Checkout Session that expires unseen), never a second one in billingd.
+func keyGeneration(errs []rivertype.AttemptError) int {
+	n := 0
+	for _, e := range errs {
+		if strings.Contains(e.Error, stripe5xx) {
+			n++
+		}
 	}
-	if email != "" {
-		p.Email = stripe.String(email)
+	return n
+}
+
+// nextGeneration suffixes an idempotency key with its generation, when past the first.
+func nextGeneration(key *string, gen int) {
+	if key != nil && gen > 0 {
+		*key += ":gen" + strconv.Itoa(gen)
 	}
-	p.SetIdempotencyKey("billingd-customer-" + strconv.FormatInt(customerID, 10))
-	return p
 }

@@ -20,6 +20,7 @@ import (
 	"riverqueue.com/riverui"
 
 	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/internal/stripeapi"
 	"github.com/billingd/billingd/jobs"
 )
 
@@ -39,7 +40,8 @@ type Daemon struct {
 
 // New builds a daemon on an open pool. It does not start anything.
 func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, error) {
-	deps := &jobs.Deps{Pool: pool, Logger: logger, Config: cfg}
+	stripeClient := stripeapi.NewClient(cfg.StripeSecretKey, cfg.StripeAPIBase, nil, int64(cfg.StripeMaxRetries))
+	deps := &jobs.Deps{Pool: pool, Stripe: stripeClient, Logger: logger, Config: cfg}
 	client, err := NewRiverClient(pool, cfg, deps)
 	if err != nil {
 		return nil, err

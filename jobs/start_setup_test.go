@@ -340,3 +340,88 @@ func countEvents(fake *stripefake.Server, typ string) int {
 	}
 	return n
 }
+
+// deliverAll delivers stripefake's events to the harness's handler in the order given, as
+// Stripe would, and waits until they are ingested.
+func deliverAll(t *testing.T, h *harness, events []stripefake.Event) {
+	t.Helper()
+	for _, e := range events {
+		h.deliver(t, e.Payload)
+	}
+	h.waitJobs(t, "ingest_event")
+}
+
+func TestSetupCompletedAttachesWhenTheSessionHadNoCustomer(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	fake, sc := fakeStripe(t) // no webhook endpoint: the test delivers
+	h := newHarness(t, harnessOpts{stripe: sc})
+
+	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("fay", "fay@example.com"))
+	require.NoError(t, err)
+	var customerID, id int64
+	require.NoError(t, h.pool.QueryRow(ctx, `insert into billing.customers (customer_ref, email, stripe_customer_id)
+		values ('fay', 'fay@example.com', $1) returning id`, cus.ID).Scan(&customerID))
+	require.NoError(t, h.pool.QueryRow(ctx, `insert into billing.setup_sessions (customer_id, usage, terms_version, currency)
+		values ($1, '{topups}', 'v1', 'usd') returning id`, customerID).Scan(&id))
+	// A session created without a customer (as an application might create it itself).
+	params := stripeapi.OnboardingSession(id, "", "usd", "https://app.example/ok", "https://app.example/no",
+		map[string]string{"setup_session_id": fmt.Sprint(id)}, "I agree.")
+	params.Customer = nil
+	cs, err := sc.V1CheckoutSessions.Create(ctx, params)
+	require.NoError(t, err)
+	_, err = h.pool.Exec(ctx, `update billing.setup_sessions set status = 'open', checkout_session_id = $2, url = $3 where id = $1`, id, cs.ID, cs.URL)
+	require.NoError(t, err)
+	require.NoError(t, fake.CompleteCheckoutSession(ctx, cs.ID, "pm_card_mastercard"))
+	require.Empty(t, fake.CustomerPaymentMethods(cus.ID), "Checkout attached nothing")
+
+	deliverAll(t, h, fake.Events())
+
+	pms := fake.CustomerPaymentMethods(cus.ID)
+	require.Len(t, pms, 1, "billingd attached the method to the customer")
+	got := readOnboarding(t, h.pool, id)
+	require.Equal(t, "completed", got.SessionStatus)
+	require.Equal(t, pms[0].ID, got.DefaultMethod)
+	require.Len(t, got.Consents, 1)
+	require.Contains(t, got.Consents[0], "{topups} v1 "+cs.ID)
+}
+
+func TestSetupCompletedAfterTheMethodWasDetached(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	fake, sc := fakeStripe(t) // no webhook endpoint: the test delivers, out of order
+	h := newHarness(t, harnessOpts{stripe: sc})
+	setup := listenSetup(t, h.pool)
+	var id int64
+	require.NoError(t, h.pool.QueryRow(ctx, `select billing.start_setup('gus', 'gus@example.com', 'adhoc', 'v1')`).Scan(&id))
+	open := setup.next(id, "open")
+	completeAsCustomer(t, open.URL, "pm_card_visa")
+	var cusID string
+	require.NoError(t, h.pool.QueryRow(ctx, `select stripe_customer_id from billing.customers where customer_ref = 'gus'`).Scan(&cusID))
+	pmID := fake.CustomerPaymentMethods(cusID)[0].ID
+	_, err := sc.V1PaymentMethods.Detach(ctx, pmID, nil)
+	require.NoError(t, err)
+
+	// The detachment arrives first (about a method billingd does not know yet), the completion
+	// after it: the method is recorded as detached and does not become the default.
+	events := fake.Events()
+	var detached, rest []stripefake.Event
+	for _, e := range events {
+		if e.Type == "payment_method.detached" {
+			detached = append(detached, e)
+		} else {
+			rest = append(rest, e)
+		}
+	}
+	require.Len(t, detached, 1)
+	deliverAll(t, h, detached)
+	status, _ := h.eventStatus(t, detached[0].ID)
+	require.Equal(t, "unknown_object", status)
+	deliverAll(t, h, rest)
+
+	got := readOnboarding(t, h.pool, id)
+	require.Equal(t, "completed", got.SessionStatus)
+	require.Len(t, got.Methods, 1)
+	require.Contains(t, got.Methods[0], pmID+" detached ")
+	require.Empty(t, got.DefaultMethod, "a detached method is not the default")
+}

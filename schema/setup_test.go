@@ -214,3 +214,44 @@ func TestSetupSessionStatusIsAnnounced(t *testing.T) {
 	_, err = listener.Conn().WaitForNotification(waitCtx2)
 	require.Error(t, err, "no further notification")
 }
+
+func TestSetStripeAccountLinksOnce(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := dbtest.NewPool(t)
+	link := func(ref, acct any) (int64, error) {
+		var id int64
+		err := pool.QueryRow(ctx, `select billing.set_stripe_account($1, $2)`, ref, acct).Scan(&id)
+		return id, err
+	}
+	id, err := link("acc-1", "acct_1Nv0FGQ9RKHgCVdK")
+	require.NoError(t, err)
+	again, err := link("acc-1", "acct_1Nv0FGQ9RKHgCVdK")
+	require.NoError(t, err, "linking the same Account again is a no-op")
+	require.Equal(t, id, again)
+	// start_setup finds the linked customer.
+	var setupID, customerID int64
+	require.NoError(t, pool.QueryRow(ctx, `select billing.start_setup('acc-1', 'a@example.com', 'adhoc', 'v1')`).Scan(&setupID))
+	require.NoError(t, pool.QueryRow(ctx, `select customer_id from billing.setup_sessions where id = $1`, setupID).Scan(&customerID))
+	require.Equal(t, id, customerID)
+
+	before := snapshot(t, pool)
+	for _, tc := range []struct {
+		ref, acct any
+		msg       string
+	}{
+		{"acc-1", "acct_Other", "already linked to another Stripe Account"},
+		{"acc-2", "acct_1Nv0FGQ9RKHgCVdK", "already linked to another customer"},
+		{"acc-2", "cus_123", "is not a Stripe Account id"},
+		{"acc-2", nil, "is not a Stripe Account id"},
+		{" ", "acct_2", "customer_ref is required"},
+	} {
+		_, err := link(tc.ref, tc.acct)
+		var pgErr *pgconn.PgError
+		require.ErrorAs(t, err, &pgErr, tc.msg)
+		require.Equal(t, "22023", pgErr.Code)
+		require.Contains(t, pgErr.Message, tc.msg)
+		require.NotEmpty(t, pgErr.Hint)
+	}
+	require.Equal(t, before, snapshot(t, pool), "refusals write nothing")
+}

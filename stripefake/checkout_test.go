@@ -376,3 +376,58 @@ func TestConcurrentCompletion(t *testing.T) {
 	require.Equal(t, 1, okCount)
 	require.Equal(t, 1, b.fake.SuccessfulCharges("cc1"))
 }
+
+// TestCheckoutAcceptsEveryFieldBillingdSends sends each Checkout field the
+// design lists and reads it back.
+func TestCheckoutAcceptsEveryFieldBillingdSends(t *testing.T) {
+	t.Parallel()
+	b := setup(t)
+	cus := b.customer(t)
+	expires := time.Now().Add(2 * time.Hour).Unix()
+	p := &stripe.CheckoutSessionCreateParams{
+		Mode:               stripe.String("payment"),
+		Customer:           stripe.String(cus),
+		Currency:           stripe.String("gbp"),
+		SuccessURL:         stripe.String("https://a.example/ok"),
+		CancelURL:          stripe.String("https://a.example/no"),
+		ClientReferenceID:  stripe.String("charge-5"),
+		ExpiresAt:          stripe.Int64(expires),
+		Metadata:           map[string]string{"charge_id": "5"},
+		PaymentMethodTypes: stripe.StringSlice([]string{"card"}),
+		LineItems: []*stripe.CheckoutSessionCreateLineItemParams{{
+			PriceData: &stripe.CheckoutSessionCreateLineItemPriceDataParams{
+				Currency: stripe.String("gbp"), UnitAmount: stripe.Int64(700),
+				ProductData: &stripe.CheckoutSessionCreateLineItemPriceDataProductDataParams{Name: stripe.String("Top-up")},
+			},
+			Quantity: stripe.Int64(2),
+		}},
+		PaymentIntentData: &stripe.CheckoutSessionCreatePaymentIntentDataParams{
+			Metadata: map[string]string{"charge_id": "5"}, SetupFutureUsage: stripe.String("off_session"),
+		},
+		ConsentCollection: &stripe.CheckoutSessionCreateConsentCollectionParams{TermsOfService: stripe.String("required")},
+		CustomText: &stripe.CheckoutSessionCreateCustomTextParams{
+			TermsOfServiceAcceptance: &stripe.CheckoutSessionCreateCustomTextTermsOfServiceAcceptanceParams{Message: stripe.String("Terms v3")},
+			Submit:                   &stripe.CheckoutSessionCreateCustomTextSubmitParams{Message: stripe.String("You will be charged £14.00")},
+		},
+	}
+	cs, err := b.sc.V1CheckoutSessions.Create(t.Context(), p)
+	require.NoError(t, err)
+	require.Equal(t, "charge-5", cs.ClientReferenceID)
+	require.Equal(t, expires, cs.ExpiresAt)
+	require.Equal(t, int64(1400), cs.AmountTotal)
+	require.Equal(t, stripe.Currency("gbp"), cs.Currency)
+	require.Equal(t, "You will be charged £14.00", cs.CustomText.Submit.Message)
+	require.Equal(t, "Terms v3", cs.CustomText.TermsOfServiceAcceptance.Message)
+	require.Equal(t, stripe.CheckoutSessionConsentCollectionTermsOfServiceRequired, cs.ConsentCollection.TermsOfService)
+	require.Equal(t, []string{"card"}, cs.PaymentMethodTypes)
+
+	setup := stripeapi.SetupSession(cus, "usd", "https://a.example/ok", "https://a.example/no", map[string]string{"k": "v"}, "")
+	setup.SetupIntentData.Description = stripe.String("monthly plan")
+	cs, err = b.sc.V1CheckoutSessions.Create(t.Context(), setup)
+	require.NoError(t, err)
+	require.NoError(t, b.fake.CompleteCheckoutSession(t.Context(), cs.ID, "pm_card_visa"))
+	got, err := b.sc.V1CheckoutSessions.Retrieve(t.Context(), cs.ID, &stripe.CheckoutSessionRetrieveParams{Expand: []*string{stripe.String("setup_intent")}})
+	require.NoError(t, err)
+	require.Equal(t, "monthly plan", got.SetupIntent.Description)
+	require.Equal(t, "v", got.SetupIntent.Metadata["k"])
+}

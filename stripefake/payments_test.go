@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	"github.com/stripe/stripe-go/v82"
@@ -396,4 +397,25 @@ func newFormRequest(path, body, idemKey string) *http.Request {
 		r.Header.Set("Idempotency-Key", idemKey)
 	}
 	return r
+}
+
+func TestSearchLag(t *testing.T) {
+	t.Parallel()
+	clock := newClock()
+	b := setup(t, stripefake.WithClock(clock.Now), stripefake.WithSearchLag(time.Minute))
+	cus := b.customer(t)
+	_, err := b.charge(t, cus, "pm_card_visa", 1000, "lag", "lag")
+	require.NoError(t, err)
+	count := func() int {
+		n := 0
+		for _, err := range b.sc.V1PaymentIntents.Search(t.Context(), stripeapi.PaymentIntentSearchByCharge("lag")) {
+			require.NoError(t, err)
+			n++
+		}
+		return n
+	}
+	require.Zero(t, count(), "not yet indexed")
+	require.Len(t, b.fake.PaymentIntentsByMetadata("charge_id", "lag"), 1, "inspection sees it at once")
+	clock.Advance(61 * time.Second)
+	require.Equal(t, 1, count())
 }

@@ -152,7 +152,10 @@ func (w *IngestEventWorker) apply(ctx context.Context, job *river.Job[IngestEven
 // look (a webhook endpoint shared with another system, or data changed by hand).
 func (w *IngestEventWorker) report(e *stripe.Event, o outcome) {
 	metrics.WebhookEvents.WithLabelValues(o.status).Inc()
-	objectID, _ := e.Data.Object["id"].(string)
+	var objectID string
+	if e.Data != nil {
+		objectID, _ = e.Data.Object["id"].(string)
+	}
 	attrs := []any{"event_id", e.ID, "event_type", string(e.Type), "object_id", objectID, "outcome", o.status, "note", o.note}
 	switch o.status {
 	case eventUnknownObject:

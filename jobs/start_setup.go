@@ -41,7 +41,8 @@ func (StartSetupArgs) InsertOpts() river.InsertOpts {
 // Running it twice creates one customer and one session: each Stripe call carries an idempotency
 // key derived from the database row it is for (the customer, the setup session), the Stripe ids
 // are stored only where none is stored yet, and a session that is no longer 'creating' is left
-// alone. Stripe's refusal of the request (HTTP 400) or the last attempt's failure marks the setup
+// alone. After Stripe answered a 5xx, which it replays under the same key for 24 hours, the keys
+// move to a new generation (keyGeneration). Stripe's refusal of the request (HTTP 400) or the last attempt's failure marks the setup
 // session 'failed' with the reason, which is announced too, so that no one waits for a URL forever.
 type StartSetupWorker struct {
 	river.WorkerDefaults[StartSetupArgs]

@@ -51,6 +51,10 @@ create unique index consents_setup_session_key on billing.consents (setup_sessio
 
 create index setup_sessions_customer_idx on billing.setup_sessions (customer_id);
 
+-- A setup session shows published terms.
+alter table billing.setup_sessions
+    add constraint setup_sessions_terms_version_fkey foreign key (terms_version) references billing.terms (version);
+
 -- An event of another API version family than the one stripe-go v82 pins is accepted, stored
 -- and flagged here (see the README): never dropped silently.
 alter table billing.webhook_events
@@ -250,6 +254,7 @@ drop trigger setup_sessions_notify on billing.setup_sessions;
 drop function billing.setup_sessions_notify();
 drop index billing.webhook_events_object_idx;
 alter table billing.webhook_events drop column object_id, drop column api_version_mismatch;
+alter table billing.setup_sessions drop constraint setup_sessions_terms_version_fkey;
 drop index billing.setup_sessions_customer_idx;
 drop index billing.consents_setup_session_key;
 alter table billing.consents drop column setup_session_id;

@@ -35,8 +35,6 @@ import (
 	"github.com/billingd/billingd/worker"
 )
 
-func TestMain(m *testing.M) { dbtest.Main(m) }
-
 // envOpts tunes an environment; zero values give a fast, fault-free one.
 type envOpts struct {
 	// Settings overrides, as `billingd run` flags (e.g. "-max-workers", "50").

@@ -33,7 +33,10 @@ type Deps struct {
 
 // Kinds lists the job kinds that Register adds.
 func Kinds() []string {
-	return slices.Concat(chargeKinds())
+	return slices.Concat(chargeKinds(), []string{
+		IngestEventArgs{}.Kind(),
+		StartSetupArgs{}.Kind(),
+	})
 }
 
 // Register adds every job kind's worker to workers.
@@ -41,6 +44,8 @@ func Register(workers *river.Workers, d *Deps) error {
 	if err := registerCharge(workers, d); err != nil {
 		return err
 	}
+	river.AddWorker(workers, &IngestEventWorker{deps: d})
+	river.AddWorker(workers, &StartSetupWorker{deps: d})
 	registerPendingKinds(workers)
 	return nil
 }

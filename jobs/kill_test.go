@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -69,7 +70,8 @@ func (e *env) startDaemon(bin string, extra ...string) *daemon {
 		_ = d.cmd.Process.Kill()
 		<-d.done
 		if e.t.Failed() {
-			e.t.Logf("billingd stderr:\n%s", d.stderr.String())
+			lines := strings.Split(strings.TrimSpace(d.stderr.String()), "\n")
+			e.t.Logf("billingd stderr (last lines):\n%s", strings.Join(lines[max(0, len(lines)-20):], "\n"))
 		}
 	})
 	return d

@@ -307,6 +307,20 @@ func (p *params) expand() expandSet {
 // expandSet holds dotted expand paths ("payment_method", "setup_intent.payment_method").
 type expandSet map[string]bool
 
+// has reports whether field is expanded, directly or because a path below
+// it is ("setup_intent.payment_method" expands setup_intent too).
+func (e expandSet) has(field string) bool {
+	if e[field] {
+		return true
+	}
+	for k := range e {
+		if strings.HasPrefix(k, field+".") {
+			return true
+		}
+	}
+	return false
+}
+
 // sub returns the paths below field, for expanding inside an expanded object.
 func (e expandSet) sub(field string) expandSet {
 	var out expandSet

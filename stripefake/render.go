@@ -378,7 +378,7 @@ func (s *Server) refCustomer(id string, exp expandSet, field string) any {
 	if id == "" {
 		return nil
 	}
-	if c := s.st.customers[id]; exp[field] && c != nil {
+	if c := s.st.customers[id]; exp.has(field) && c != nil {
 		return s.renderCustomer(c, exp.sub(field))
 	}
 	return id
@@ -388,7 +388,7 @@ func (s *Server) refPM(id string, exp expandSet, field string) any {
 	if id == "" {
 		return nil
 	}
-	if pm := s.st.pms[id]; exp[field] && pm != nil {
+	if pm := s.st.pms[id]; exp.has(field) && pm != nil {
 		return s.renderPM(pm, exp.sub(field))
 	}
 	return id
@@ -398,7 +398,7 @@ func (s *Server) refPI(id string, exp expandSet, field string) any {
 	if id == "" {
 		return nil
 	}
-	if pi := s.st.pis[id]; exp[field] && pi != nil {
+	if pi := s.st.pis[id]; exp.has(field) && pi != nil {
 		return s.renderPI(pi, exp.sub(field))
 	}
 	return id
@@ -408,7 +408,7 @@ func (s *Server) refSI(id string, exp expandSet, field string) any {
 	if id == "" {
 		return nil
 	}
-	if si := s.st.sis[id]; exp[field] && si != nil {
+	if si := s.st.sis[id]; exp.has(field) && si != nil {
 		return s.renderSI(si, exp.sub(field))
 	}
 	return id
@@ -418,7 +418,7 @@ func (s *Server) refCharge(id string, exp expandSet, field string) any {
 	if id == "" {
 		return nil
 	}
-	if ch := s.st.charges[id]; exp[field] && ch != nil {
+	if ch := s.st.charges[id]; exp.has(field) && ch != nil {
 		return s.renderCharge(ch, exp.sub(field))
 	}
 	return id

@@ -80,6 +80,7 @@ type options struct {
 	apiKeys       map[string]bool
 	searchLag     time.Duration
 	httpClient    *http.Client
+	keepEvents    int
 }
 
 // Option configures a Server.
@@ -160,6 +161,14 @@ func WithSearchLag(d time.Duration) Option {
 	return func(o *options) { o.searchLag = d }
 }
 
+// WithEventRetention keeps only the newest n events (and the newest n
+// records of deliveries), forgetting older ones, to bound memory in long
+// benchmark runs. Stored objects are always kept. Default 0: keep all.
+// Combine with [WithIdempotencyTTL] to bound the stored idempotent answers.
+func WithEventRetention(n int) Option {
+	return func(o *options) { o.keepEvents = n }
+}
+
 // WithHTTPClient sets the client used to deliver webhooks.
 func WithHTTPClient(c *http.Client) Option {
 	return func(o *options) { o.httpClient = c }
@@ -225,13 +234,16 @@ func (s *Server) sweep() {
 	defer s.wg.Done()
 	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
-	for {
+	for tick := 1; ; tick++ {
 		select {
 		case <-s.ctx.Done():
 			return
 		case <-t.C:
 			s.SweepExpiredSessions()
-			s.idem.purge(s.now(), s.opts.idemTTL)
+			// Old keys only cost memory: walk them every 10 s, not every tick.
+			if tick%20 == 0 {
+				s.idem.purge(s.now(), s.opts.idemTTL)
+			}
 		}
 	}
 }

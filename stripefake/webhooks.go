@@ -31,25 +31,13 @@ type origin struct {
 	idemKey string
 }
 
-type eventJSON struct {
-	ID              string        `json:"id"`
-	Object          string        `json:"object"`
-	APIVersion      string        `json:"api_version"`
-	Created         int64         `json:"created"`
-	Data            eventDataJSON `json:"data"`
-	Livemode        bool          `json:"livemode"`
-	PendingWebhooks int           `json:"pending_webhooks"`
-	Request         eventRequest  `json:"request"`
-	Type            string        `json:"type"`
-}
-
-type eventDataJSON struct {
-	Object json.RawMessage `json:"object"`
-}
-
-type eventRequest struct {
-	ID             *string `json:"id"`
-	IdempotencyKey *string `json:"idempotency_key"`
+// jsonStringOrNull encodes s as a JSON string, or null when empty.
+func jsonStringOrNull(s string) string {
+	if s == "" {
+		return "null"
+	}
+	b, _ := json.Marshal(s)
+	return string(b)
 }
 
 // emitLocked records an event whose data.object is obj as it is now. The
@@ -65,19 +53,34 @@ func (s *Server) emitLocked(evs *[]*event, typ string, obj any, o origin) {
 	if s.hooks.wants(typ) {
 		pending = 1
 	}
-	payload, err := json.Marshal(eventJSON{
-		ID: ev.id, Object: "event", APIVersion: APIVersion, Created: ev.created,
-		Data: eventDataJSON{Object: data}, PendingWebhooks: pending,
-		Request: eventRequest{ID: nullable(o.reqID), IdempotencyKey: nullable(o.idemKey)},
-		Type:    typ,
-	})
-	if err != nil {
-		panic(fmt.Sprintf("stripefake: encode event: %v", err))
-	}
+	// The envelope is spliced around data rather than encoded with it, so
+	// the object is not validated and compacted a second time.
+	var b bytes.Buffer
+	b.Grow(len(data) + 256)
+	fmt.Fprintf(&b, `{"id":"%s","object":"event","api_version":"%s","created":%d,"data":{"object":`, ev.id, APIVersion, ev.created)
+	b.Write(data)
+	fmt.Fprintf(&b, `},"livemode":false,"pending_webhooks":%d,"request":{"id":%s,"idempotency_key":%s},"type":"%s"}`,
+		pending, jsonStringOrNull(o.reqID), jsonStringOrNull(o.idemKey), typ)
+	payload := b.Bytes()
 	ev.payload = payload
 	s.st.events[ev.id] = ev
 	s.st.eventList = append(s.st.eventList, ev)
+	if keep := s.opts.keepEvents; keep > 0 && len(s.st.eventList) > keep {
+		for _, old := range s.st.eventList[:len(s.st.eventList)-keep] {
+			delete(s.st.events, old.id)
+		}
+		s.st.eventList = trimTo(s.st.eventList, keep)
+	}
 	*evs = append(*evs, ev)
+}
+
+// trimTo keeps the last n elements, copying them to a fresh array so the
+// dropped ones can be collected.
+func trimTo[T any](list []T, n int) []T {
+	if len(list) <= n {
+		return list
+	}
+	return append(make([]T, 0, n+n/2), list[len(list)-n:]...)
 }
 
 // DeliveryOptions tunes webhook delivery. Zero fields take the defaults.
@@ -330,6 +333,9 @@ func (d *dispatcher) attempt(dl *delivery) {
 	rec.OK = err == nil && rec.StatusCode/100 == 2
 	d.mu.Lock()
 	d.log = append(d.log, rec)
+	if keep := d.s.opts.keepEvents; keep > 0 && len(d.log) > 2*keep {
+		d.log = trimTo(d.log, keep)
+	}
 	d.mu.Unlock()
 
 	switch {
@@ -368,6 +374,9 @@ func (d *dispatcher) finish(dl *delivery, ok bool) {
 	}
 	if ok {
 		d.delivered = append(d.delivered, dl.ev)
+		if keep := d.s.opts.keepEvents; keep > 0 && len(d.delivered) > 2*keep {
+			d.delivered = trimTo(d.delivered, keep)
+		}
 	}
 	d.pending--
 	if d.pending == 0 && d.idle != nil {

@@ -32,6 +32,7 @@ type Daemon struct {
 	logger *slog.Logger
 	pool   *pgxpool.Pool
 	river  *river.Client[pgx.Tx]
+	hooks  *Webhooks
 	http   *http.Server
 	ready  atomic.Bool
 
@@ -50,6 +51,7 @@ func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, 
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, logger: logger, pool: pool, river: client}
+	d.hooks = NewWebhooks(pool, client, cfg.StripeWebhookSecret, logger)
 	handler, err := d.routes()
 	if err != nil {
 		return nil, err

@@ -86,7 +86,8 @@ type sendPlan struct {
 	attemptID   int64
 	attemptNo   int
 	key         string
-	customer    string
+	customer    string // the Stripe Customer (cus_...), or
+	account     string // the Accounts v2 customer-configured Account (acct_...), in account mode
 	pm          string
 	amount      int64
 	currency    string
@@ -94,10 +95,14 @@ type sendPlan struct {
 	source      string
 }
 
-func planFromAttempt(a *attemptRow) *sendPlan {
+// planFromAttempt rebuilds an attempt's request, to send it again with its key.
+func planFromAttempt(d *Deps, a *attemptRow) *sendPlan {
 	p := &sendPlan{chargeID: a.chargeID, attemptID: a.id, attemptNo: a.attemptNo, key: a.key,
 		pm: a.stripePM, amount: a.amount, currency: a.currency, source: a.source}
-	if a.stripeCustomer != nil {
+	switch {
+	case accountModel(d) && a.stripeAccount != nil:
+		p.account = *a.stripeAccount
+	case a.stripeCustomer != nil:
 		p.customer = *a.stripeCustomer
 	}
 	if a.description != nil {
@@ -200,7 +205,7 @@ func (w *ChargeWorker) resume(ctx context.Context, tx pgx.Tx, job *river.Job[Cha
 		return nil, "", fmt.Errorf("count try of attempt %d of charge %d: %w", a.attemptNo, c.id, err)
 	}
 	log.Info("charge attempt resumed with its idempotency key", "tries", a.tries+1)
-	return planFromAttempt(a), "", nil
+	return planFromAttempt(w.deps, a), "", nil
 }
 
 const (
@@ -269,7 +274,9 @@ func (w *ChargeWorker) begin(ctx context.Context, tx pgx.Tx, job *river.Job[Char
 		return nil, "canceled", nil
 	case !consented:
 		reason = fmt.Sprintf("no active consent covers %s charges", c.source)
-	case c.stripeCustomer == nil:
+	case accountModel(w.deps) && c.stripeAccount == nil:
+		reason = "the customer has no Stripe account (customer_account)"
+	case !accountModel(w.deps) && c.stripeCustomer == nil:
 		reason = "the customer has no Stripe customer"
 	case stripePM == nil:
 		reason = "the customer has no default payment method"
@@ -306,8 +313,14 @@ func (w *ChargeWorker) begin(ctx context.Context, tx pgx.Tx, job *river.Job[Char
 	if _, err := tx.Exec(ctx, startChargeQuery, c.id, n, pmID, fmt.Sprintf("attempt %d sent", n)); err != nil {
 		return nil, "", fmt.Errorf("mark charge %d processing: %w", c.id, err)
 	}
-	return &sendPlan{chargeID: c.id, attemptID: attemptID, attemptNo: n, key: key, customer: *c.stripeCustomer,
-		pm: *stripePM, amount: c.amount, currency: c.currency, description: c.description, source: c.source}, "", nil
+	plan := &sendPlan{chargeID: c.id, attemptID: attemptID, attemptNo: n, key: key,
+		pm: *stripePM, amount: c.amount, currency: c.currency, description: c.description, source: c.source}
+	if accountModel(w.deps) {
+		plan.account = *c.stripeAccount
+	} else {
+		plan.customer = *c.stripeCustomer
+	}
+	return plan, "", nil
 }
 
 // send creates the PaymentIntent. It never touches the database.
@@ -315,9 +328,15 @@ func (w *ChargeWorker) send(ctx context.Context, p *sendPlan) answer {
 	return sendPaymentIntent(ctx, w.deps, p)
 }
 
+// accountModel says whether customers are Accounts v2 customer-configured Accounts.
+func accountModel(d *Deps) bool { return d.Config != nil && d.Config.StripeCustomerModel == "account" }
+
 func sendPaymentIntent(ctx context.Context, d *Deps, p *sendPlan) answer {
-	params := stripeapi.OffSessionPaymentIntent(p.customer, p.pm, p.amount, p.currency, p.description,
-		chargeMetadata(p.chargeID, p.source, p.attemptNo), p.key)
+	md := chargeMetadata(p.chargeID, p.source, p.attemptNo)
+	params := stripeapi.OffSessionPaymentIntent(p.customer, p.pm, p.amount, p.currency, p.description, md, p.key)
+	if p.account != "" {
+		params = stripeapi.OffSessionPaymentIntentForAccount(p.account, p.pm, p.amount, p.currency, p.description, md, p.key)
+	}
 	start := time.Now()
 	pi, err := d.Stripe.V1PaymentIntents.Create(ctx, params)
 	ans := readCreateAnswer(pi, err, time.Since(start))

@@ -55,6 +55,11 @@ func TestChargeHappyPath(t *testing.T) {
 	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
 	require.Equal(t, int64(1999), e.Fake.Totals()["eur"].Collected)
 	require.Equal(t, []string{a.Key}, e.Front.createKeys())
+	body := e.Front.createBodies()[0]
+	for k, v := range map[string]string{"off_session": "true", "confirm": "true", "customer": c.StripeID,
+		"payment_method": pi.PaymentMethod, "amount": "1999", "currency": "eur"} {
+		require.Equal(t, v, body.Get(k), k)
+	}
 }
 
 func TestChargeZeroDecimalCurrency(t *testing.T) {
@@ -376,4 +381,31 @@ func (e *env) inTx(fn func(tx pgx.Tx)) {
 	defer tx.Rollback(ctx) //nolint:errcheck
 	fn(tx)
 	require.NoError(e.t, tx.Commit(ctx))
+}
+
+// With BILLING_STRIPE_CUSTOMER_MODEL=account the PaymentIntent names the customer-configured
+// Account (customer_account) instead of a Customer. stripefake does not model Accounts v2 and
+// refuses the parameter: the charge goes to recovery with Stripe's reason, and the request is
+// checked here (its shape is checked against stripe-mock in internal/stripeapi).
+func TestChargeAccountsV2SendsCustomerAccount(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, envOpts{Flags: []string{"-stripe-customer-model", "account"}})
+	ctx := context.Background()
+	c := e.customer("acct-model", "pm_card_visa")
+	_, err := e.Pool.Exec(ctx, `update billing.customers set stripe_account_id = 'acct_1Nv0FGQ9RKHgCVdK' where id = $1`, c.ID)
+	require.NoError(t, err)
+	noAccount := e.customer("no-acct", "pm_card_visa")
+	id, other := e.charge(c, 990, "usd"), e.charge(noAccount, 990, "usd")
+	e.start()
+	states := e.waitSettled([]int64{id, other}, 20*time.Second)
+	require.Equal(t, "the customer has no Stripe account (customer_account)", states[other].Reason)
+	bodies := e.Front.createBodies()
+	require.Len(t, bodies, 1)
+	require.Equal(t, "acct_1Nv0FGQ9RKHgCVdK", bodies[0].Get("customer_account"))
+	require.Empty(t, bodies[0]["customer"])
+	require.Equal(t, "recovering", states[id].Status)
+	require.Contains(t, states[id].Reason, "Stripe refused attempt 1")
+	a := e.attempts(id)[0]
+	require.Equal(t, "failed", a.Outcome)
+	require.Equal(t, 400, *a.HTTPStatus)
 }

@@ -6,6 +6,7 @@ package jobs_test
 // of every job kind can use it: newEnv, then fixtures, then start.
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"strconv"
 	"sync"
@@ -301,6 +303,8 @@ type front struct {
 	p429 float64
 	n429 int
 	keys []string
+	// bodies are the form bodies of the PaymentIntent creates passed on.
+	bodies []url.Values
 
 	tooMany atomic.Int64
 }
@@ -319,6 +323,13 @@ func (f *front) next429(n int) {
 	f.n429 = n
 }
 
+// createBodies returns the form bodies of the PaymentIntent creates passed on, in order.
+func (f *front) createBodies() []url.Values {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]url.Values(nil), f.bodies...)
+}
+
 // createKeys returns the idempotency keys of the PaymentIntent creates passed on, in order.
 func (f *front) createKeys() []string {
 	f.mu.Lock()
@@ -335,6 +346,10 @@ func (f *front) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		if !limited {
 			f.keys = append(f.keys, r.Header.Get("Idempotency-Key"))
+			body, _ := io.ReadAll(r.Body)
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			form, _ := url.ParseQuery(string(body))
+			f.bodies = append(f.bodies, form)
 		}
 		f.mu.Unlock()
 		if limited {

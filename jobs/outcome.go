@@ -176,12 +176,13 @@ type chargeRow struct {
 	nextAttemptAt  *time.Time
 	customerID     int64
 	stripeCustomer *string
+	stripeAccount  *string
 	defaultPM      *int64
 }
 
 const lockChargeQuery = `
 select c.id, c.status, c.source, c.source_id, c.amount, c.currency, c.description, c.attempt_count,
-       c.next_attempt_at, c.customer_id, cu.stripe_customer_id, cu.default_payment_method_id
+       c.next_attempt_at, c.customer_id, cu.stripe_customer_id, cu.stripe_account_id, cu.default_payment_method_id
 from billing.charges c
 join billing.customers cu on cu.id = c.customer_id
 where c.id = $1
@@ -190,7 +191,7 @@ for update of c`
 func lockCharge(ctx context.Context, tx pgx.Tx, id int64) (*chargeRow, error) {
 	var c chargeRow
 	err := tx.QueryRow(ctx, lockChargeQuery, id).Scan(&c.id, &c.status, &c.source, &c.sourceID, &c.amount,
-		&c.currency, &c.description, &c.attemptCount, &c.nextAttemptAt, &c.customerID, &c.stripeCustomer, &c.defaultPM)
+		&c.currency, &c.description, &c.attemptCount, &c.nextAttemptAt, &c.customerID, &c.stripeCustomer, &c.stripeAccount, &c.defaultPM)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}
@@ -215,6 +216,7 @@ type attemptRow struct {
 	description     *string
 	stripePM        string
 	stripeCustomer  *string
+	stripeAccount   *string
 	amount          int64
 	currency        string
 	source          string
@@ -224,7 +226,7 @@ type attemptRow struct {
 const attemptColumns = `
 select a.id, a.charge_id, a.attempt_no, a.idempotency_key, a.outcome, a.tries, a.started_at, a.last_try_at,
        a.payment_intent_id, a.payment_intent_status, a.description, pm.stripe_payment_method_id,
-       cu.stripe_customer_id, c.amount, c.currency, c.source, a.job_id
+       cu.stripe_customer_id, cu.stripe_account_id, c.amount, c.currency, c.source, a.job_id
 from billing.charge_attempts a
 join billing.charges c on c.id = a.charge_id
 join billing.customers cu on cu.id = c.customer_id
@@ -251,7 +253,7 @@ for update of a`
 func scanAttempt(row pgx.Row) (*attemptRow, error) {
 	var a attemptRow
 	err := row.Scan(&a.id, &a.chargeID, &a.attemptNo, &a.key, &a.outcome, &a.tries, &a.startedAt, &a.lastTryAt,
-		&a.paymentIntentID, &a.piStatus, &a.description, &a.stripePM, &a.stripeCustomer, &a.amount, &a.currency, &a.source, &a.jobID)
+		&a.paymentIntentID, &a.piStatus, &a.description, &a.stripePM, &a.stripeCustomer, &a.stripeAccount, &a.amount, &a.currency, &a.source, &a.jobID)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}

@@ -234,7 +234,7 @@ func (w *ReconcileWorker) replay(ctx context.Context, a *attemptRow) error {
 	if err := tx.Commit(ctx); err != nil {
 		return fmt.Errorf("commit replay of charge %d: %w", a.chargeID, err)
 	}
-	ans := sendPaymentIntent(ctx, w.deps, planFromAttempt(locked))
+	ans := sendPaymentIntent(ctx, w.deps, planFromAttempt(w.deps, locked))
 	w.deps.Logger.Info("reconcile replayed an attempt's key", "charge_id", a.chargeID, "attempt_no", a.attemptNo,
 		"http_status", ans.httpStatus, "stripe_request_id", ans.requestID)
 	return w.settle(context.WithoutCancel(ctx), a, settleInput{answer: ans, settledBy: "reconcile",

@@ -158,8 +158,9 @@ func (w *ChargeWorker) prepare(ctx context.Context, job *river.Job[ChargeArgs]) 
 		log.Info("charge not due; nothing to do", "charge_status", c.status)
 		label = "skipped"
 	case c.status == "retry_scheduled" && c.nextAttemptAt != nil && c.nextAttemptAt.After(time.Now()):
-		log.Info("charge retry not due yet; nothing to do", "next_attempt_at", *c.nextAttemptAt)
-		label = "skipped"
+		// Early (clocks differ, or a duplicate job): wait for the calendar, change nothing.
+		log.Info("charge retry not due yet; waiting", "next_attempt_at", *c.nextAttemptAt)
+		return nil, "", river.JobSnooze(time.Until(*c.nextAttemptAt) + time.Second)
 	default:
 		plan, label, err = w.begin(ctx, tx, job, c)
 	}

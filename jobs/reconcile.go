@@ -9,7 +9,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/riverqueue/river"
-	"github.com/riverqueue/river/rivertype"
 	"github.com/robfig/cron/v3"
 	"github.com/stripe/stripe-go/v82"
 
@@ -27,16 +26,12 @@ type ReconcileArgs struct {
 // Kind is the job kind.
 func (ReconcileArgs) Kind() string { return "reconcile_charges" }
 
-// InsertOpts keeps one reconcile job per charge (and one sweep) waiting or running at a time.
+// InsertOpts puts reconcile jobs on the default queue. They are not River-unique: a unique job
+// left running by a killed process would block its successors until River's rescuer came
+// (unique states always include running). Sweeps exclude each other with an advisory lock
+// instead, which dies with its connection; a charge reconciled twice at once is harmless.
 func (ReconcileArgs) InsertOpts() river.InsertOpts {
-	return river.InsertOpts{
-		Queue:       QueueDefault,
-		MaxAttempts: 10,
-		UniqueOpts: river.UniqueOpts{ByArgs: true, ByState: []rivertype.JobState{
-			rivertype.JobStateAvailable, rivertype.JobStatePending, rivertype.JobStateRunning,
-			rivertype.JobStateRetryable, rivertype.JobStateScheduled,
-		}},
-	}
+	return river.InsertOpts{Queue: QueueDefault, MaxAttempts: 10}
 }
 
 // ReconcileWorker settles attempts from what Stripe knows, never by guessing:
@@ -52,6 +47,9 @@ type ReconcileWorker struct {
 	deps     *Deps
 	charging *charging
 }
+
+// sweepLockKey is the advisory lock that keeps one reconcile sweep at a time across replicas.
+const sweepLockKey int64 = 0x62696c6c7265636f // "billreco"
 
 // sweepBatch bounds the attempts and stalled charges one sweep handles; the next sweep takes
 // the rest.
@@ -90,6 +88,21 @@ func (w *ReconcileWorker) Work(ctx context.Context, job *river.Job[ReconcileArgs
 	if job.Args.ChargeID != 0 {
 		return w.reconcileCharge(ctx, job.Args.ChargeID)
 	}
+	conn, err := w.deps.Pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("reconcile sweep: %w", err)
+	}
+	defer conn.Release()
+	var locked bool
+	if err := conn.QueryRow(ctx, `select pg_try_advisory_lock($1)`, sweepLockKey).Scan(&locked); err != nil {
+		return fmt.Errorf("reconcile sweep lock: %w", err)
+	}
+	if !locked {
+		w.deps.Logger.Info("reconcile sweep already running elsewhere; skipped")
+		return nil
+	}
+	defer conn.Exec(context.WithoutCancel(ctx), `select pg_advisory_unlock($1)`, sweepLockKey) //nolint:errcheck // the lock also dies with the connection
+
 	after := w.deps.Config.ReconcileAfter.Seconds()
 	rows, err := w.deps.Pool.Query(ctx, staleAttemptsQuery, after, sweepBatch)
 	if err != nil {

@@ -38,6 +38,15 @@ func TestReconcileReplaysTheKeyWhileItIsKept(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, envOpts{})
 	id := e.crashedAttempt(e.customer("replay", "pm_card_visa"), 3100, 10*time.Second)
+	// The crashed process was also running a sweep and this charge's reconcile job: jobs left
+	// "running" by a dead process must not block the next ones.
+	ctx := context.Background()
+	for _, args := range []jobs.ReconcileArgs{{}, {ChargeID: id}} {
+		res, err := e.Client.Insert(ctx, args, nil)
+		require.NoError(t, err)
+		_, err = e.Pool.Exec(ctx, `update river_job set state = 'running', attempt = 1, attempted_at = now() where id = $1`, res.Job.ID)
+		require.NoError(t, err)
+	}
 	e.start()
 	st := e.waitStatus(id, "succeeded", 20*time.Second)
 	require.Equal(t, "collected by attempt 1", st.Reason)

@@ -5,6 +5,7 @@ package jobs
 
 import (
 	"log/slog"
+	"slices"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
@@ -31,12 +32,15 @@ type Deps struct {
 }
 
 // Kinds lists the job kinds that Register adds.
-func Kinds() []string { return nil }
+func Kinds() []string {
+	return slices.Concat(recoveryKinds())
+}
 
 // Register adds every job kind's worker to workers.
 func Register(workers *river.Workers, d *Deps) error {
-	_ = d
-	_ = workers
+	if err := registerRecovery(workers, d); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -44,6 +48,11 @@ func Register(workers *river.Workers, d *Deps) error {
 // only; each is a trigger, and what it acts on lives in the database, so a restart or a new
 // leader misses nothing and repeats nothing.
 func PeriodicJobs(d *Deps) ([]*river.PeriodicJob, error) {
-	_ = d
-	return nil, nil
+	var all []*river.PeriodicJob
+	recovery, err := recoveryPeriodicJobs(d)
+	if err != nil {
+		return nil, err
+	}
+	all = append(all, recovery...)
+	return all, nil
 }

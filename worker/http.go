@@ -10,6 +10,9 @@ func (d *Daemon) routes() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", d.healthz)
 	mux.HandleFunc("GET /readyz", d.readyz)
+	mux.HandleFunc("GET /recover/{token}", d.recoverLink)
+	mux.HandleFunc("GET /recover/done", d.recoverDone)
+	mux.HandleFunc("GET /recover/canceled", d.recoverCanceled)
 	return mux
 }
 

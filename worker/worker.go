@@ -28,6 +28,7 @@ type Daemon struct {
 	cfg    *config.Config
 	logger *slog.Logger
 	pool   *pgxpool.Pool
+	deps   *jobs.Deps
 	river  *river.Client[pgx.Tx]
 	http   *http.Server
 	ready  atomic.Bool
@@ -40,7 +41,7 @@ func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, 
 	if err != nil {
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, logger: logger, pool: pool, river: client}
+	d := &Daemon{cfg: cfg, logger: logger, pool: pool, deps: deps, river: client}
 	d.http = &http.Server{
 		Addr:              cfg.HTTPAddr,
 		Handler:           d.routes(),
@@ -69,9 +70,6 @@ func NewRiverClient(pool *pgxpool.Pool, cfg *config.Config, deps *jobs.Deps) (*r
 		jobs.QueueDefault:       {MaxWorkers: 10},
 		jobs.QueueWebhooks:      {MaxWorkers: 10},
 		jobs.QueueNotifications: {MaxWorkers: 5},
-	}
-	if len(jobs.Kinds()) == 0 {
-		queues = nil // TODO(foundation): no job kinds yet; an insert-only client until the charge job lands
 	}
 	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{
 		Logger:       deps.Logger,
@@ -109,9 +107,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 // Serve is Run on a listener the caller opened (tests listen on port 0).
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	// Jobs must not be cancelled by the signal itself: River's stop is driven below.
-	if len(jobs.Kinds()) == 0 {
-		// TODO(foundation): nothing to work until the first job kind lands.
-	} else if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
+	if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
 		ln.Close()
 		return fmt.Errorf("start river: %w", err)
 	}
@@ -140,9 +136,6 @@ func (d *Daemon) stop() error {
 	}()
 
 	var riverErr error
-	if len(jobs.Kinds()) == 0 {
-		return <-done
-	}
 	softCtx, cancel := context.WithTimeout(context.Background(), d.cfg.SoftStopTimeout)
 	defer cancel()
 	if err := d.river.Stop(softCtx); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+	"riverqueue.com/riverui"
 
 	"github.com/billingd/billingd/internal/config"
 	"github.com/billingd/billingd/jobs"
@@ -32,6 +33,8 @@ type Daemon struct {
 	river  *river.Client[pgx.Tx]
 	http   *http.Server
 	ready  atomic.Bool
+
+	riverUI *riverui.Handler // nil unless River UI is enabled
 }
 
 // New builds a daemon on an open pool. It does not start anything.
@@ -42,9 +45,13 @@ func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, 
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, logger: logger, pool: pool, deps: deps, river: client}
+	handler, err := d.routes()
+	if err != nil {
+		return nil, err
+	}
 	d.http = &http.Server{
 		Addr:              cfg.HTTPAddr,
-		Handler:           d.routes(),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -110,6 +117,12 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
 		ln.Close()
 		return fmt.Errorf("start river: %w", err)
+	}
+	if d.riverUI != nil {
+		if err := d.riverUI.Start(ctx); err != nil {
+			ln.Close()
+			return fmt.Errorf("start river ui: %w", err)
+		}
 	}
 	httpErr := make(chan error, 1)
 	go func() { httpErr <- d.http.Serve(ln) }()

@@ -1,0 +1,392 @@
+package jobs_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/rivertype"
+	"github.com/stretchr/testify/require"
+
+	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/internal/dbtest"
+	"github.com/billingd/billingd/jobs"
+	"github.com/billingd/billingd/worker"
+)
+
+func TestMain(m *testing.M) { dbtest.Main(m) }
+
+// ---- a real SMTP server, in the test process ----
+
+// mailbox is an SMTP server (github.com/emersion/go-smtp) that accepts mail for anyone after
+// AUTH PLAIN with its user and password, and keeps what it receives.
+type mailbox struct {
+	Addr     string
+	user     string
+	pass     string
+	mu       sync.Mutex
+	messages []receivedMail
+	arrived  chan struct{}
+}
+
+type receivedMail struct {
+	From string
+	To   []string
+	Data string
+}
+
+func newMailbox(t *testing.T) *mailbox {
+	t.Helper()
+	mb := &mailbox{user: "billingd", pass: "s3cret-smtp", arrived: make(chan struct{}, 100)}
+	srv := smtp.NewServer(smtp.BackendFunc(func(*smtp.Conn) (smtp.Session, error) {
+		return &smtpSession{mb: mb}, nil
+	}))
+	srv.Domain = "localhost"
+	srv.AllowInsecureAuth = true // plain text on loopback, as the client is told (starttls=off)
+	srv.ReadTimeout = 10 * time.Second
+	srv.WriteTimeout = 10 * time.Second
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	mb.Addr = ln.Addr().String()
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return mb
+}
+
+// URL is the BILLING_SMTP_URL of the server.
+func (mb *mailbox) URL() string {
+	return "smtp://" + mb.user + ":" + mb.pass + "@" + mb.Addr + "?starttls=off"
+}
+
+func (mb *mailbox) setPassword(p string) {
+	mb.mu.Lock()
+	defer mb.mu.Unlock()
+	mb.pass = p
+}
+
+func (mb *mailbox) Messages() []receivedMail {
+	mb.mu.Lock()
+	defer mb.mu.Unlock()
+	return append([]receivedMail(nil), mb.messages...)
+}
+
+type smtpSession struct {
+	mb     *mailbox
+	authed bool
+	from   string
+	to     []string
+}
+
+func (s *smtpSession) AuthMechanisms() []string { return []string{sasl.Plain} }
+
+func (s *smtpSession) Auth(string) (sasl.Server, error) {
+	return sasl.NewPlainServer(func(_, user, pass string) error {
+		s.mb.mu.Lock()
+		ok := user == s.mb.user && pass == s.mb.pass
+		s.mb.mu.Unlock()
+		if !ok {
+			return errors.New("invalid credentials")
+		}
+		s.authed = true
+		return nil
+	}), nil
+}
+
+func (s *smtpSession) Mail(from string, _ *smtp.MailOptions) error {
+	if !s.authed {
+		return smtp.ErrAuthRequired
+	}
+	s.from = from
+	return nil
+}
+
+func (s *smtpSession) Rcpt(to string, _ *smtp.RcptOptions) error {
+	s.to = append(s.to, to)
+	return nil
+}
+
+func (s *smtpSession) Data(r io.Reader) error {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return err
+	}
+	s.mb.mu.Lock()
+	s.mb.messages = append(s.mb.messages, receivedMail{From: s.from, To: s.to, Data: string(b)})
+	s.mb.mu.Unlock()
+	s.mb.arrived <- struct{}{}
+	return nil
+}
+
+func (s *smtpSession) Reset()        { s.from, s.to = "", nil }
+func (s *smtpSession) Logout() error { return nil }
+
+// ---- the host application, receiving signed POSTs ----
+
+// appReceiver is the host application's endpoint. It verifies each POST's signature the way the
+// README tells applications to (its own code, not billingd's), and answers with the statuses
+// queued in fail before answering 204.
+type appReceiver struct {
+	URL    string
+	secret string
+	mu     sync.Mutex
+	fail   []int
+	posts  []receivedPost
+	bad    []string // why a POST was rejected
+}
+
+type receivedPost struct {
+	Body           []byte
+	NotificationID string
+}
+
+func newAppReceiver(t *testing.T, secret string) *appReceiver {
+	t.Helper()
+	a := &appReceiver{secret: secret}
+	srv := httptest.NewServer(http.HandlerFunc(a.serve))
+	t.Cleanup(srv.Close)
+	a.URL = srv.URL + "/billing-events"
+	return a
+}
+
+func (a *appReceiver) serve(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := verifyAsApplication(a.secret, r.Header.Get("Billingd-Signature"), body, time.Now()); err != nil {
+		a.bad = append(a.bad, err.Error())
+		http.Error(w, "bad signature", http.StatusUnauthorized)
+		return
+	}
+	if len(a.fail) > 0 {
+		status := a.fail[0]
+		a.fail = a.fail[1:]
+		http.Error(w, "try later", status)
+		return
+	}
+	a.posts = append(a.posts, receivedPost{Body: body, NotificationID: r.Header.Get("Billingd-Notification-Id")})
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (a *appReceiver) failNext(statuses ...int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.fail = append(a.fail, statuses...)
+}
+
+func (a *appReceiver) Posts() []receivedPost {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]receivedPost(nil), a.posts...)
+}
+
+func (a *appReceiver) Rejected() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]string(nil), a.bad...)
+}
+
+// verifyAsApplication is the README's recipe, written independently of billingd's code: split
+// "t=...,v1=...", recompute HMAC-SHA256(secret, t + "." + body), compare in constant time,
+// refuse timestamps more than five minutes away.
+func verifyAsApplication(secret, header string, body []byte, now time.Time) error {
+	var ts, sig string
+	for _, kv := range strings.Split(header, ",") {
+		switch {
+		case strings.HasPrefix(kv, "t="):
+			ts = kv[2:]
+		case strings.HasPrefix(kv, "v1="):
+			sig = kv[3:]
+		}
+	}
+	sec, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil || sig == "" {
+		return errors.New("malformed signature header")
+	}
+	if now.Sub(time.Unix(sec, 0)).Abs() > 5*time.Minute {
+		return errors.New("stale timestamp")
+	}
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write([]byte(ts + "." + string(body)))
+	got, err := hex.DecodeString(sig)
+	if err != nil || !hmac.Equal(got, mac.Sum(nil)) {
+		return errors.New("signature mismatch")
+	}
+	return nil
+}
+
+// ---- the daemon's job client ----
+
+// bundle is what a test of the recovery flow works with.
+type bundle struct {
+	pool    *pgxpool.Pool
+	cfg     *config.Config
+	deps    *jobs.Deps
+	client  *river.Client[pgx.Tx]
+	events  <-chan *river.Event
+	mailbox *mailbox
+	app     *appReceiver
+	logs    *bytes.Buffer
+}
+
+const notifySecret = "whsec-app-test-secret"
+
+// testConfig returns the defaults of `billingd run` with the test's URLs.
+func testConfig(t *testing.T) *config.Config {
+	t.Helper()
+	cfg := &config.Config{}
+	fs := config.NewFlagSet("run", cfg, func(string) string { return "" })
+	require.NoError(t, fs.Parse(nil))
+	cfg.PublicURL = "https://billing.example.test"
+	cfg.FetchCooldown = 5 * time.Millisecond
+	cfg.SoftStopTimeout = 5 * time.Second
+	cfg.EmailFrom = "Example Billing <billing@example.test>"
+	return cfg
+}
+
+// setup starts a River client built by worker.NewRiverClient (what production runs) on a fresh
+// database, with an SMTP server and an application receiver configured. edit may change the
+// configuration before the client is built.
+func setup(t *testing.T, edit func(*config.Config)) *bundle {
+	t.Helper()
+	b := &bundle{pool: dbtest.NewPool(t), cfg: testConfig(t), mailbox: newMailbox(t), logs: &bytes.Buffer{}}
+	b.app = newAppReceiver(t, notifySecret)
+	b.cfg.SMTPURL = b.mailbox.URL()
+	b.cfg.NotifyURL = b.app.URL
+	b.cfg.NotifySecret = notifySecret
+	if edit != nil {
+		edit(b.cfg)
+	}
+	logger := slog.New(slog.NewTextHandler(&lockedWriter{w: b.logs}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	b.deps = &jobs.Deps{Pool: b.pool, Logger: logger, Config: b.cfg}
+	client, err := worker.NewRiverClient(b.pool, b.cfg, b.deps)
+	require.NoError(t, err)
+	b.client = client
+	events, cancel := client.Subscribe(river.EventKindJobCompleted, river.EventKindJobCancelled,
+		river.EventKindJobFailed, river.EventKindJobSnoozed)
+	t.Cleanup(cancel)
+	b.events = events
+	ctx := context.Background()
+	require.NoError(t, client.Start(ctx))
+	t.Cleanup(func() {
+		stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = client.Stop(stopCtx)
+	})
+	return b
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// waitJob waits for the next event of a job of kind that matches, and returns it.
+func (b *bundle) waitJob(t *testing.T, kind string, match func(*river.Event) bool) *river.Event {
+	t.Helper()
+	timeout := time.After(20 * time.Second)
+	for {
+		select {
+		case ev := <-b.events:
+			if ev.Job.Kind == kind && (match == nil || match(ev)) {
+				return ev
+			}
+		case <-timeout:
+			t.Fatalf("no %s job event within 20s", kind)
+			return nil
+		}
+	}
+}
+
+// waitDone waits until the job with id is finalized or snoozed, and returns its event.
+func (b *bundle) waitDone(t *testing.T, kind string, id int64) *river.Event {
+	t.Helper()
+	return b.waitJob(t, kind, func(ev *river.Event) bool { return ev.Job.ID == id })
+}
+
+// jobsOf returns the River jobs of kind, oldest first.
+func jobsOf(t *testing.T, pool *pgxpool.Pool, kind string) []*rivertype.JobRow {
+	t.Helper()
+	rows, err := pool.Query(context.Background(),
+		`select id, args, state::text, attempt from river_job where kind = $1 order by id`, kind)
+	require.NoError(t, err)
+	defer rows.Close()
+	var out []*rivertype.JobRow
+	for rows.Next() {
+		j := &rivertype.JobRow{Kind: kind}
+		var state string
+		require.NoError(t, rows.Scan(&j.ID, &j.EncodedArgs, &state, &j.Attempt))
+		j.State = rivertype.JobState(state)
+		out = append(out, j)
+	}
+	require.NoError(t, rows.Err())
+	return out
+}
+
+// ---- fixtures ----
+
+// newCharge inserts a charge of the customer in status, as the charge job leaves it.
+func newCharge(t *testing.T, pool *pgxpool.Pool, customerID, amount int64, currency, description, status string) int64 {
+	t.Helper()
+	var id int64
+	err := pool.QueryRow(context.Background(), `
+		insert into billing.charges (customer_id, source, amount, currency, description, status, requested_by, next_attempt_at)
+		values ($1, 'adhoc', $2, $3, $4, $5, 'test', case when $5 = 'retry_scheduled' then now() + interval '1 day' end)
+		returning id`, customerID, amount, currency, description, status).Scan(&id)
+	require.NoError(t, err)
+	return id
+}
+
+// openRecovery opens a recovery for the charge as StartRecoveryTx does, but without its
+// notify_recovery job (for tests of what comes after it), and returns the token.
+func openRecovery(t *testing.T, pool *pgxpool.Pool, chargeID int64) string {
+	t.Helper()
+	token := rand.Text() + rand.Text()[:17] // 43 characters of base32, a valid token shape
+	_, err := pool.Exec(context.Background(), `
+		insert into billing.recoveries (charge_id, token, reason) values ($1, $2, 'card_declined')`, chargeID, token)
+	require.NoError(t, err)
+	return token
+}
+
+func scalar[T any](t *testing.T, pool *pgxpool.Pool, sql string, args ...any) T {
+	t.Helper()
+	var v T
+	require.NoError(t, pool.QueryRow(context.Background(), sql, args...).Scan(&v))
+	return v
+}
+
+// requireEvent checks the kind of a job event, showing the job's errors when it differs.
+func requireEvent(t *testing.T, want river.EventKind, ev *river.Event) {
+	t.Helper()
+	if ev.Kind != want {
+		var errs []string
+		for _, e := range ev.Job.Errors {
+			errs = append(errs, e.Error)
+		}
+		t.Fatalf("job %s %d: got %s, want %s; errors: %v", ev.Job.Kind, ev.Job.ID, ev.Kind, want, errs)
+	}
+}

@@ -219,4 +219,3 @@ func TestSignNotification(t *testing.T) {
 	rotated := h + ",v1=" + strings.Repeat("ab", 32)
 	require.NoError(t, jobs.VerifyNotification("secret", rotated, body, 5*time.Minute, at))
 }
-

@@ -2,7 +2,9 @@ package jobs
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -15,8 +17,9 @@ import (
 
 // notifyRecoveryWorker opens the first recovery session of a round and tells the customer.
 //
-// Running it twice is harmless: the session's idempotency key is fixed by (charge, round, 1),
-// so a retry gets the same session from Stripe and records it once; the notifications have
+// Running it twice is harmless: the session's idempotency key is fixed by the database (charge,
+// round, recoveries.next_session_seq), so a retry gets the same session from Stripe and records
+// it once; the notifications have
 // dedupe keys per (charge, round, channel); and the job completes in the transaction that
 // writes them.
 type notifyRecoveryWorker struct {
@@ -46,8 +49,13 @@ func (w *notifyRecoveryWorker) Work(ctx context.Context, job *river.Job[NotifyRe
 	}
 
 	var cs *stripe.CheckoutSession
+	seq := s.NextSeq
 	if s.SessionSeq == 0 {
-		if cs, err = newSession(ctx, d, s, 1); err != nil {
+		if cs, err = newSession(ctx, d, s, seq); err != nil {
+			if isPermanentStripeError(err) {
+				log.Error("recovery session refused by Stripe", "error", err)
+				return river.JobCancel(err)
+			}
 			return err
 		}
 	}
@@ -60,7 +68,7 @@ func (w *notifyRecoveryWorker) Work(ctx context.Context, job *river.Job[NotifyRe
 	client := river.ClientFromContext[pgx.Tx](ctx)
 	open := true
 	if cs != nil {
-		_, open, err = storeSessionTx(ctx, tx, client, s, 1, cs)
+		_, open, err = storeSessionTx(ctx, tx, client, s, seq, cs)
 	} else {
 		open, err = recoveryStillOpenTx(ctx, tx, s)
 	}
@@ -123,4 +131,12 @@ func nextReminder(d *Deps, now, payBy time.Time) *time.Time {
 		return nil
 	}
 	return &t
+}
+
+// isPermanentStripeError reports a Stripe refusal that no retry of the same request can change
+// (a 4xx other than 409 key-in-use and 429 rate limit).
+func isPermanentStripeError(err error) bool {
+	var serr *stripe.Error
+	return errors.As(err, &serr) && serr.HTTPStatusCode >= 400 && serr.HTTPStatusCode < 500 &&
+		serr.HTTPStatusCode != http.StatusConflict && serr.HTTPStatusCode != http.StatusTooManyRequests
 }

@@ -85,6 +85,7 @@ type recoveryState struct {
 	Status        string // billing.recoveries.status
 	OpenedAt      time.Time
 	RemindersSent int
+	NextSeq       int // seq of the next session to create
 
 	ChargeStatus string
 	Amount       int64
@@ -114,7 +115,7 @@ func (s recoveryState) collectable() bool {
 }
 
 const recoveryStateColumns = `
-select r.charge_id, r.token, r.round, r.reason, r.status, r.opened_at, r.reminders_sent,
+select r.charge_id, r.token, r.round, r.reason, r.status, r.opened_at, r.reminders_sent, r.next_session_seq,
        c.status, c.amount, c.currency, c.description,
        cu.id, cu.customer_ref, coalesce(cu.email, ''), coalesce(cu.stripe_customer_id, ''),
        coalesce(s.seq, 0), coalesce(s.checkout_session_id, ''), coalesce(s.url, ''),
@@ -151,7 +152,7 @@ func loadRecovery(ctx context.Context, q querier, query string, arg any) (s reco
 // scanRecovery reads one row of recoveryStateColumns.
 func scanRecovery(row pgx.Row) (s recoveryState, err error) {
 	err = row.Scan(&s.ChargeID, &s.Token, &s.Round, &s.Reason, &s.Status, &s.OpenedAt,
-		&s.RemindersSent, &s.ChargeStatus, &s.Amount, &s.Currency, &s.Description,
+		&s.RemindersSent, &s.NextSeq, &s.ChargeStatus, &s.Amount, &s.Currency, &s.Description,
 		&s.CustomerID, &s.CustomerRef, &s.Email, &s.StripeCustomerID,
 		&s.SessionSeq, &s.SessionID, &s.SessionURL, &s.SessionExpiresAt, &s.SessionStatus)
 	return s, err
@@ -163,8 +164,9 @@ type querier interface {
 }
 
 // sessionIdempotencyKey is the Stripe idempotency key of a recovery session: one per charge,
-// recovery round and session of the round. A retried job or a racing request derives the same
-// key from the database and gets the same session; a fresh session takes the next seq.
+// recovery round and session number (recoveries.next_session_seq). A retried job or a racing
+// request reads the same number from the database and gets the same session; a fresh session,
+// or a retry after Stripe stored a 5xx under the key, takes the next number.
 func sessionIdempotencyKey(chargeID int64, round, seq int) string {
 	return fmt.Sprintf("billingd-recovery-%d-r%d-s%d", chargeID, round, seq)
 }
@@ -212,6 +214,9 @@ func storeSessionTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx]
 	if err != nil {
 		return "", false, fmt.Errorf("store recovery session of charge %d: %w", s.ChargeID, err)
 	}
+	if _, err := tx.Exec(ctx, advanceSeqQuery, s.ChargeID, seq); err != nil {
+		return "", false, fmt.Errorf("advance session number of charge %d: %w", s.ChargeID, err)
+	}
 	var openID, openURL string
 	var openExpires time.Time
 	err = tx.QueryRow(ctx, openSessionQuery, s.ChargeID).Scan(&openID, &openURL, &openExpires)
@@ -233,12 +238,25 @@ func storeSessionTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx]
 	return cs.URL, true, nil
 }
 
+// advanceSeqQuery moves the recovery's next session number past seq.
+const advanceSeqQuery = `
+update billing.recoveries set next_session_seq = greatest(next_session_seq, $2 + 1) where charge_id = $1`
+
 // newSession creates the Checkout Session number seq of s's round at Stripe (outside any
-// transaction), with the key that any retry of it reuses.
+// transaction), with the key that any retry of it reuses. When Stripe answers with a 5xx, which
+// it stores under the key (the session may or may not exist, and that key will only ever replay
+// the error), the number is spent: the next try uses the next key. A session made under a spent
+// key is never recorded or shown to anyone, so nobody can pay it, and Stripe expires it in a day.
 func newSession(ctx context.Context, d *Deps, s recoveryState, seq int) (*stripe.CheckoutSession, error) {
 	key := sessionIdempotencyKey(s.ChargeID, s.Round, seq)
 	cs, err := createRecoverySession(ctx, d, s, key)
 	if err != nil {
+		var serr *stripe.Error
+		if errors.As(err, &serr) && serr.HTTPStatusCode >= 500 {
+			if _, dbErr := d.Pool.Exec(ctx, advanceSeqQuery, s.ChargeID, seq); dbErr != nil {
+				err = errors.Join(err, dbErr)
+			}
+		}
 		return nil, fmt.Errorf("create recovery session for charge %d (round %d, session %d): %w", s.ChargeID, s.Round, seq, err)
 	}
 	if cs.ID == "" || cs.URL == "" || cs.ExpiresAt == 0 {

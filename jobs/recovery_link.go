@@ -92,7 +92,7 @@ func ResolveRecoveryLink(ctx context.Context, d *Deps, client *river.Client[pgx.
 				return link, nil
 			}
 		}
-		seq := s.SessionSeq + 1
+		seq := s.NextSeq
 		cs, err := newSession(ctx, d, s, seq)
 		if isKeyInUse(err) && try < 3 {
 			// A concurrent request is creating this very session; its answer is a moment away.
@@ -101,6 +101,10 @@ func ResolveRecoveryLink(ctx context.Context, d *Deps, client *river.Client[pgx.
 		}
 		if isKeyInUse(err) {
 			return RecoveryLink{Outcome: LinkBusy, ChargeID: s.ChargeID}, nil
+		}
+		var serr *stripe.Error
+		if errors.As(err, &serr) && serr.HTTPStatusCode >= 500 && try < 3 {
+			continue // the key is spent (newSession moved to the next): try the next one
 		}
 		if err != nil {
 			return RecoveryLink{}, err

@@ -6,9 +6,12 @@ import (
 	"strings"
 
 	"github.com/stripe/stripe-go/v82"
+
+	"github.com/billingd/billingd/internal/stripeapi"
 )
 
-// The Stripe calls of the recovery flow. Each is made outside any database transaction.
+// The Stripe calls of the recovery flow, through internal/stripeapi's request builders. Each
+// is made outside any database transaction.
 
 // recoveryURLs returns the success and cancel URLs of recovery sessions: the configured ones,
 // or billingd's own thank-you and come-back pages.
@@ -30,68 +33,36 @@ func recoveryURLs(d *Deps) (success, cancel string) {
 // off-session charges.
 func createRecoverySession(ctx context.Context, d *Deps, s recoveryState, key string) (*stripe.CheckoutSession, error) {
 	success, cancel := recoveryURLs(d)
-	chargeID := strconv.FormatInt(s.ChargeID, 10)
-	params := &stripe.CheckoutSessionCreateParams{
-		Mode:       stripe.String(string(stripe.CheckoutSessionModePayment)),
-		SuccessURL: stripe.String(success),
-		CancelURL:  stripe.String(cancel),
-		LineItems: []*stripe.CheckoutSessionCreateLineItemParams{{
-			PriceData: &stripe.CheckoutSessionCreateLineItemPriceDataParams{
-				Currency:   stripe.String(s.Currency),
-				UnitAmount: stripe.Int64(s.Amount),
-				ProductData: &stripe.CheckoutSessionCreateLineItemPriceDataProductDataParams{
-					Name: stripe.String(s.Description),
-				},
-			},
-			Quantity: stripe.Int64(1),
-		}},
-		PaymentIntentData: &stripe.CheckoutSessionCreatePaymentIntentDataParams{
-			SetupFutureUsage: stripe.String(string(stripe.PaymentIntentSetupFutureUsageOffSession)),
-			Metadata:         map[string]string{"charge_id": chargeID},
-		},
-		Metadata: map[string]string{"charge_id": chargeID},
+	md := map[string]string{stripeapi.MetadataChargeID: strconv.FormatInt(s.ChargeID, 10)}
+	params := stripeapi.RecoverySession(s.StripeCustomerID, s.Amount, s.Currency, s.Description, success, cancel, md, key)
+	if s.StripeCustomerID == "" {
+		params.Customer = nil // never saved a card with billingd: Checkout asks for everything
 	}
-	if s.StripeCustomerID != "" {
-		params.Customer = stripe.String(s.StripeCustomerID)
-	}
-	params.SetIdempotencyKey(key)
-	params.Context = ctx
 	return d.Stripe.V1CheckoutSessions.Create(ctx, params)
 }
 
-// createRefund refunds a PaymentIntent in full, as a duplicate payment.
+// createRefund refunds a PaymentIntent in full.
 func createRefund(ctx context.Context, d *Deps, piID, key string, metadata map[string]string) (*stripe.Refund, error) {
-	params := &stripe.RefundCreateParams{
-		PaymentIntent: stripe.String(piID),
-		Reason:        stripe.String(string(stripe.RefundReasonDuplicate)),
-		Metadata:      metadata,
-	}
-	params.SetIdempotencyKey(key)
-	return d.Stripe.V1Refunds.Create(ctx, params)
+	return d.Stripe.V1Refunds.Create(ctx, stripeapi.Refund(piID, 0, metadata, key))
 }
 
 // retrievePaymentIntent reads a PaymentIntent with its payment method expanded.
 func retrievePaymentIntent(ctx context.Context, d *Deps, id string) (*stripe.PaymentIntent, error) {
-	params := &stripe.PaymentIntentRetrieveParams{}
-	params.AddExpand("payment_method")
-	return d.Stripe.V1PaymentIntents.Retrieve(ctx, id, params)
+	return d.Stripe.V1PaymentIntents.Retrieve(ctx, id, stripeapi.PaymentIntentRetrieve())
 }
 
 // attachPaymentMethod attaches a payment method to a Stripe customer.
 func attachPaymentMethod(ctx context.Context, d *Deps, pmID, customer string) (*stripe.PaymentMethod, error) {
-	params := &stripe.PaymentMethodAttachParams{Customer: stripe.String(customer)}
-	return d.Stripe.V1PaymentMethods.Attach(ctx, pmID, params)
+	return d.Stripe.V1PaymentMethods.Attach(ctx, pmID, stripeapi.PaymentMethodAttach(customer))
 }
 
 // retrieveSession reads a Checkout Session with its PaymentIntent and payment method expanded,
 // which RecoveryPaidTx uses when the session was paid.
 func retrieveSession(ctx context.Context, d *Deps, id string) (*stripe.CheckoutSession, error) {
-	params := &stripe.CheckoutSessionRetrieveParams{}
-	params.AddExpand("payment_intent.payment_method")
-	return d.Stripe.V1CheckoutSessions.Retrieve(ctx, id, params)
+	return d.Stripe.V1CheckoutSessions.Retrieve(ctx, id, stripeapi.SessionRetrieve())
 }
 
 // expireSession expires an open Checkout Session.
 func expireSession(ctx context.Context, d *Deps, id string) (*stripe.CheckoutSession, error) {
-	return d.Stripe.V1CheckoutSessions.Expire(ctx, id, &stripe.CheckoutSessionExpireParams{})
+	return d.Stripe.V1CheckoutSessions.Expire(ctx, id, stripeapi.ExpireSession())
 }

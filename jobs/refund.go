@@ -45,11 +45,19 @@ returning id`
 // that refunds it at Stripe with an idempotency key of its own. Idempotent: the same
 // PaymentIntent is refunded once. It needs a River client in ctx or passed as client.
 //
-// The charge job calls it when an attempt that was in flight succeeds after the customer paid
-// through the recovery page (the charge is already recovered); RecoveryPaidTx calls it for a
-// recovery payment that arrives after the charge was collected another way.
+// The charge job calls it when an attempt that was in flight succeeds after the charge was
+// collected another way (the customer paid through the recovery page meanwhile) or canceled;
+// the refund's reason follows the charge's status.
 func RefundDuplicateTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], chargeID int64, paymentIntentID string, amount int64, currency string) (inserted bool, err error) {
-	return refundPaymentTx(ctx, tx, client, chargeID, paymentIntentID, "", amount, currency, refundAlreadyCollected)
+	var status string
+	if err := tx.QueryRow(ctx, `select status from billing.charges where id = $1`, chargeID).Scan(&status); err != nil {
+		return false, fmt.Errorf("read charge %d: %w", chargeID, err)
+	}
+	reason := refundAlreadyCollected
+	if status == "canceled" {
+		reason = refundChargeCanceled
+	}
+	return refundPaymentTx(ctx, tx, client, chargeID, paymentIntentID, "", amount, currency, reason)
 }
 
 func refundPaymentTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], chargeID int64, piID, sessionID string, amount int64, currency, reason string) (bool, error) {

@@ -2,9 +2,10 @@
 -- Recovery (issue 6): Checkout Sessions that collect a failed charge on-session, the refunds of a
 -- second collection, and what the database does when a charge is settled another way.
 
--- Each recovery round opens one session first (seq 1); /recover/{token} opens the next one when
--- the last has expired. The idempotency key (charge, round, seq) is derived from the database,
--- so two requests that race for a fresh session send the same key and get the same session.
+-- Each recovery round opens one session first; /recover/{token} opens the next one when the last
+-- has expired. The idempotency key (charge, round, seq) comes from the database
+-- (recoveries.next_session_seq), so two requests that race for a fresh session send the same key
+-- and get the same session.
 alter table billing.recovery_sessions
     add column seq             integer not null default 1 check (seq >= 1),
     add column idempotency_key text not null unique check (btrim(idempotency_key) <> ''),
@@ -12,6 +13,12 @@ alter table billing.recovery_sessions
     add constraint recovery_sessions_seq_key unique (charge_id, round, seq),
     add constraint recovery_sessions_completed_check check ((status = 'completed') = (completed_at is not null)),
     add constraint recovery_sessions_expired_check check ((status = 'expired') = (expired_at is not null));
+
+-- The seq of the next session of a recovery. It only grows: a session recorded with seq k moves
+-- it past k, and so does a key that Stripe answered with a 5xx (which Stripe stores under the key,
+-- so that key can never give a session again).
+alter table billing.recoveries
+    add column next_session_seq integer not null default 1 check (next_session_seq >= 1);
 
 -- A notification about a charge that was settled before it could be delivered is skipped, not
 -- sent: "please pay" after the money arrived would only confuse.
@@ -46,12 +53,13 @@ create table billing.refunds (
 );
 create index refunds_charge_idx on billing.refunds (charge_id);
 
--- billing.charges_close_recovery: when a charge is collected by an automatic attempt, canceled or
--- written off, its open recovery closes and each open recovery session gets an expire_recovery
--- job, in the same transaction as the status change, so the customer cannot pay a second time
--- through a page that is still open. It fires for every writer (the charge job, webhooks,
--- reconcile, billing.cancel_charge, the recovery sweep), so none of them can forget.
--- recovered is not here: RecoveryPaidTx closes the recovery itself, with status paid.
+-- billing.charges_close_recovery: when a charge is collected (by an automatic attempt, or late),
+-- canceled or written off, its open recovery closes and each open recovery session gets an
+-- expire_recovery job, in the same transaction as the status change, so the customer cannot pay a
+-- second time through a page that is still open. It fires for every writer (the charge job,
+-- webhooks, reconcile, billing.cancel_charge, the recovery sweep), so none of them can forget.
+-- When the recovery page itself was paid, RecoveryPaidTx has completed that session first and
+-- then marks the recovery paid.
 -- +goose StatementBegin
 create function billing.charges_close_recovery() returns trigger
 language plpgsql as $$
@@ -110,7 +118,7 @@ $$;
 
 create trigger charges_close_recovery after update of status on billing.charges
     for each row
-    when (new.status is distinct from old.status and new.status in ('succeeded', 'canceled', 'uncollectible'))
+    when (new.status is distinct from old.status and new.status in ('succeeded', 'recovered', 'canceled', 'uncollectible'))
     execute function billing.charges_close_recovery();
 
 -- +goose Down
@@ -121,6 +129,7 @@ drop table billing.refunds;
 drop index billing.recoveries_reminder_idx;
 drop index billing.recoveries_open_idx;
 drop index billing.notifications_charge_idx;
+alter table billing.recoveries drop column next_session_seq;
 alter table billing.notifications drop constraint notifications_status_check;
 alter table billing.notifications
     add constraint notifications_status_check check (status in ('pending', 'sent', 'failed'));

@@ -19,6 +19,9 @@ import (
 	"testing"
 	"time"
 
+	"encoding/json"
+	"sync/atomic"
+
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"github.com/jackc/pgx/v5"
@@ -26,10 +29,14 @@ import (
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/rivertype"
 	"github.com/stretchr/testify/require"
+	"github.com/stripe/stripe-go/v82"
+	"github.com/stripe/stripe-go/v82/webhook"
 
 	"github.com/billingd/billingd/internal/config"
 	"github.com/billingd/billingd/internal/dbtest"
+	"github.com/billingd/billingd/internal/stripeapi"
 	"github.com/billingd/billingd/jobs"
+	"github.com/billingd/billingd/stripefake"
 	"github.com/billingd/billingd/worker"
 )
 
@@ -242,9 +249,16 @@ type bundle struct {
 	deps    *jobs.Deps
 	client  *river.Client[pgx.Tx]
 	events  <-chan *river.Event
+	backlog []*river.Event // events received but not yet waited for
 	mailbox *mailbox
 	app     *appReceiver
 	logs    *bytes.Buffer
+	fake    *stripefake.Server
+	stripe  *stripe.Client
+
+	// webhookClient is the River client the webhook stand-in uses (set once the client exists).
+	webhookClient atomic.Pointer[river.Client[pgx.Tx]]
+	webhookErrs   atomic.Int64
 }
 
 const notifySecret = "whsec-app-test-secret"
@@ -269,6 +283,13 @@ func setup(t *testing.T, edit func(*config.Config)) *bundle {
 	t.Helper()
 	b := &bundle{pool: dbtest.NewPool(t), cfg: testConfig(t), mailbox: newMailbox(t), logs: &bytes.Buffer{}}
 	b.app = newAppReceiver(t, notifySecret)
+	hook := httptest.NewServer(http.HandlerFunc(b.stripeWebhook))
+	t.Cleanup(hook.Close)
+	b.fake = stripefake.New(stripefake.WithWebhook(hook.URL, stripeWebhookSecret))
+	t.Cleanup(b.fake.Close)
+	fakeSrv := httptest.NewServer(b.fake)
+	t.Cleanup(fakeSrv.Close)
+	b.stripe = stripeapi.NewClient("sk_test_recovery", fakeSrv.URL, nil, 2)
 	b.cfg.SMTPURL = b.mailbox.URL()
 	b.cfg.NotifyURL = b.app.URL
 	b.cfg.NotifySecret = notifySecret
@@ -276,10 +297,11 @@ func setup(t *testing.T, edit func(*config.Config)) *bundle {
 		edit(b.cfg)
 	}
 	logger := slog.New(slog.NewTextHandler(&lockedWriter{w: b.logs}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	b.deps = &jobs.Deps{Pool: b.pool, Logger: logger, Config: b.cfg}
+	b.deps = &jobs.Deps{Pool: b.pool, Stripe: b.stripe, Logger: logger, Config: b.cfg}
 	client, err := worker.NewRiverClient(b.pool, b.cfg, b.deps)
 	require.NoError(t, err)
 	b.client = client
+	b.webhookClient.Store(client)
 	events, cancel := client.Subscribe(river.EventKindJobCompleted, river.EventKindJobCancelled,
 		river.EventKindJobFailed, river.EventKindJobSnoozed)
 	t.Cleanup(cancel)
@@ -305,16 +327,25 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	return l.w.Write(p)
 }
 
-// waitJob waits for the next event of a job of kind that matches, and returns it.
+// waitJob waits for the next event of a job of kind that matches, and returns it. Events that
+// do not match are kept, in order, for later calls.
 func (b *bundle) waitJob(t *testing.T, kind string, match func(*river.Event) bool) *river.Event {
 	t.Helper()
+	ok := func(ev *river.Event) bool { return ev.Job.Kind == kind && (match == nil || match(ev)) }
+	for i, ev := range b.backlog {
+		if ok(ev) {
+			b.backlog = append(b.backlog[:i:i], b.backlog[i+1:]...)
+			return ev
+		}
+	}
 	timeout := time.After(20 * time.Second)
 	for {
 		select {
 		case ev := <-b.events:
-			if ev.Job.Kind == kind && (match == nil || match(ev)) {
+			if ok(ev) {
 				return ev
 			}
+			b.backlog = append(b.backlog, ev)
 		case <-timeout:
 			t.Fatalf("no %s job event within 20s", kind)
 			return nil
@@ -389,4 +420,88 @@ func requireEvent(t *testing.T, want river.EventKind, ev *river.Event) {
 		}
 		t.Fatalf("job %s %d: got %s, want %s; errors: %v", ev.Job.Kind, ev.Job.ID, ev.Kind, want, errs)
 	}
+}
+
+// ---- Stripe: the emulator, and a stand-in for the webhooks branch ----
+
+const stripeWebhookSecret = "whsec_recovery_test"
+
+// stripeWebhook stands in for /webhooks/stripe (issue 7) as far as recovery needs it: it verifies
+// the event and hands a completed payment-mode session to RecoveryPaidTx, answering 500 on
+// failure so that stripefake delivers again.
+func (b *bundle) stripeWebhook(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	ev, err := webhook.ConstructEvent(body, r.Header.Get("Stripe-Signature"), stripeWebhookSecret)
+	if err != nil {
+		b.webhookErrs.Add(1)
+		http.Error(w, "bad event", http.StatusBadRequest)
+		return
+	}
+	client := b.webhookClient.Load()
+	if ev.Type != "checkout.session.completed" || client == nil {
+		return
+	}
+	var cs stripe.CheckoutSession
+	if err := json.Unmarshal(ev.Data.Raw, &cs); err != nil || cs.Mode != stripe.CheckoutSessionModePayment {
+		return
+	}
+	ctx := r.Context()
+	tx, err := b.pool.Begin(ctx)
+	if err != nil {
+		http.Error(w, "db", http.StatusInternalServerError)
+		return
+	}
+	defer tx.Rollback(ctx)
+	if _, err := jobs.RecoveryPaidTx(ctx, tx, client, &cs); err != nil {
+		b.webhookErrs.Add(1)
+		http.Error(w, "recovery paid", http.StatusInternalServerError)
+		return
+	}
+	if err := tx.Commit(ctx); err != nil {
+		http.Error(w, "commit", http.StatusInternalServerError)
+	}
+}
+
+// stripeCustomer creates the customer at stripefake with a saved card made from testPM (a
+// declining one, for charges that go to recovery), and in billing.
+func (b *bundle) stripeCustomer(t *testing.T, ref, testPM string) dbtest.Customer {
+	t.Helper()
+	cus, err := b.stripe.V1Customers.Create(t.Context(), stripeapi.CustomerCreate(ref, ref+"@example.com"))
+	require.NoError(t, err)
+	pm, err := b.fake.AttachTestCard(cus.ID, testPM)
+	require.NoError(t, err)
+	return dbtest.NewCustomer(t, b.pool, dbtest.CustomerOpts{Ref: ref, StripeCustomerID: cus.ID, PaymentMethodID: pm})
+}
+
+// decline plays the charge job's attempt that ends in a 402 (issue 5 owns the real one): an
+// off-session PaymentIntent on the customer's saved card, declined by Stripe, then the
+// transaction that records it and starts recovery with StartRecoveryTx. It returns the
+// notify_recovery job's id.
+func (b *bundle) decline(t *testing.T, cust dbtest.Customer, chargeID int64) int64 {
+	t.Helper()
+	ctx := t.Context()
+	var amount int64
+	var currency, description, pm string
+	require.NoError(t, b.pool.QueryRow(ctx, `
+		select c.amount, c.currency, c.description, pm.stripe_payment_method_id
+		from billing.charges c join billing.payment_methods pm on pm.id = $2 where c.id = $1`,
+		chargeID, cust.PaymentMethodID).Scan(&amount, &currency, &description, &pm))
+	_, err := b.stripe.V1PaymentIntents.Create(ctx, stripeapi.OffSessionPaymentIntent(cust.StripeID, pm, amount, currency,
+		description, map[string]string{stripeapi.MetadataChargeID: strconv.FormatInt(chargeID, 10)},
+		"test-charge-"+strconv.FormatInt(chargeID, 10)+"-attempt-1"))
+	var serr *stripe.Error
+	require.ErrorAs(t, err, &serr)
+	require.Equal(t, http.StatusPaymentRequired, serr.HTTPStatusCode, serr.Msg)
+
+	tx, err := b.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx)
+	_, err = tx.Exec(ctx, `update billing.charges set status = 'recovering', status_reason = $2 where id = $1`, chargeID, string(serr.DeclineCode))
+	require.NoError(t, err)
+	opened, err := jobs.StartRecoveryTx(ctx, tx, b.client, chargeID, string(serr.DeclineCode))
+	require.NoError(t, err)
+	require.True(t, opened)
+	require.NoError(t, tx.Commit(ctx))
+	jobs := jobsOf(t, b.pool, "notify_recovery")
+	return jobs[len(jobs)-1].ID
 }

@@ -252,7 +252,7 @@ type bundle struct {
 	backlog []*river.Event // events received but not yet waited for
 	mailbox *mailbox
 	app     *appReceiver
-	logs    *bytes.Buffer
+	logs    *lockedWriter
 	fake    *stripefake.Server
 	stripe  *stripe.Client
 
@@ -281,7 +281,7 @@ func testConfig(t *testing.T) *config.Config {
 // configuration before the client is built.
 func setup(t *testing.T, edit func(*config.Config)) *bundle {
 	t.Helper()
-	b := &bundle{pool: dbtest.NewPool(t), cfg: testConfig(t), mailbox: newMailbox(t), logs: &bytes.Buffer{}}
+	b := &bundle{pool: dbtest.NewPool(t), cfg: testConfig(t), mailbox: newMailbox(t), logs: &lockedWriter{w: &bytes.Buffer{}}}
 	b.app = newAppReceiver(t, notifySecret)
 	hook := httptest.NewServer(http.HandlerFunc(b.stripeWebhook))
 	t.Cleanup(hook.Close)
@@ -296,7 +296,7 @@ func setup(t *testing.T, edit func(*config.Config)) *bundle {
 	if edit != nil {
 		edit(b.cfg)
 	}
-	logger := slog.New(slog.NewTextHandler(&lockedWriter{w: b.logs}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	logger := slog.New(slog.NewTextHandler(b.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	b.deps = &jobs.Deps{Pool: b.pool, Stripe: b.stripe, Logger: logger, Config: b.cfg}
 	client, err := worker.NewRiverClient(b.pool, b.cfg, b.deps)
 	require.NoError(t, err)
@@ -316,9 +316,16 @@ func setup(t *testing.T, edit func(*config.Config)) *bundle {
 	return b
 }
 
+// lockedWriter collects the daemon's log lines for assertions about what they never contain.
 type lockedWriter struct {
 	mu sync.Mutex
-	w  io.Writer
+	w  *bytes.Buffer
+}
+
+func (l *lockedWriter) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.String()
 }
 
 func (l *lockedWriter) Write(p []byte) (int, error) {
@@ -475,9 +482,15 @@ func (b *bundle) stripeCustomer(t *testing.T, ref, testPM string) dbtest.Custome
 
 // decline plays the charge job's attempt that ends in a 402 (issue 5 owns the real one): an
 // off-session PaymentIntent on the customer's saved card, declined by Stripe, then the
-// transaction that records it and starts recovery with StartRecoveryTx. It returns the
-// notify_recovery job's id.
+// transaction that records it (the charge becomes recovering) and starts recovery with
+// StartRecoveryTx. It returns the notify_recovery job's id.
 func (b *bundle) decline(t *testing.T, cust dbtest.Customer, chargeID int64) int64 {
+	return b.declineTo(t, cust, chargeID, "recovering")
+}
+
+// declineTo is decline with the charge's next status: recovering, or retry_scheduled (a soft
+// decline that is also retried automatically).
+func (b *bundle) declineTo(t *testing.T, cust dbtest.Customer, chargeID int64, status string) int64 {
 	t.Helper()
 	ctx := t.Context()
 	var amount int64
@@ -496,7 +509,9 @@ func (b *bundle) decline(t *testing.T, cust dbtest.Customer, chargeID int64) int
 	tx, err := b.pool.Begin(ctx)
 	require.NoError(t, err)
 	defer tx.Rollback(ctx)
-	_, err = tx.Exec(ctx, `update billing.charges set status = 'recovering', status_reason = $2 where id = $1`, chargeID, string(serr.DeclineCode))
+	_, err = tx.Exec(ctx, `update billing.charges set status = $3, status_reason = $2,
+		next_attempt_at = case when $3 = 'retry_scheduled' then now() + interval '1 day' end where id = $1`,
+		chargeID, string(serr.DeclineCode), status)
 	require.NoError(t, err)
 	opened, err := jobs.StartRecoveryTx(ctx, tx, b.client, chargeID, string(serr.DeclineCode))
 	require.NoError(t, err)
@@ -504,4 +519,61 @@ func (b *bundle) decline(t *testing.T, cust dbtest.Customer, chargeID int64) int
 	require.NoError(t, tx.Commit(ctx))
 	jobs := jobsOf(t, b.pool, "notify_recovery")
 	return jobs[len(jobs)-1].ID
+}
+
+// The automatic retry of a charge, as the charge job (issue 5) does it, in three steps so that a
+// test can interleave the customer's payment between them.
+
+// startAttempt moves a due charge to processing under lock, as the charge job does before it
+// calls Stripe. It reports false when the charge is no longer due (paid, canceled).
+func (b *bundle) startAttempt(t *testing.T, chargeID int64) bool {
+	t.Helper()
+	tag, err := b.pool.Exec(t.Context(), `update billing.charges set status = 'processing', next_attempt_at = null
+		where id = $1 and status = 'retry_scheduled'`, chargeID)
+	require.NoError(t, err)
+	return tag.RowsAffected() == 1
+}
+
+// collect charges the customer's card off-session at stripefake (the card now works: testPM is
+// attached for it) and returns the succeeded PaymentIntent.
+func (b *bundle) collect(t *testing.T, cust dbtest.Customer, chargeID int64, testPM string) *stripe.PaymentIntent {
+	t.Helper()
+	pm, err := b.fake.AttachTestCard(cust.StripeID, testPM)
+	require.NoError(t, err)
+	var amount int64
+	var currency string
+	require.NoError(t, b.pool.QueryRow(t.Context(), `select amount, currency from billing.charges where id = $1`, chargeID).Scan(&amount, &currency))
+	pi, err := b.stripe.V1PaymentIntents.Create(t.Context(), stripeapi.OffSessionPaymentIntent(cust.StripeID, pm, amount, currency, "retry",
+		map[string]string{stripeapi.MetadataChargeID: strconv.FormatInt(chargeID, 10)}, "test-charge-"+strconv.FormatInt(chargeID, 10)+"-attempt-2"))
+	require.NoError(t, err)
+	require.Equal(t, stripe.PaymentIntentStatusSucceeded, pi.Status)
+	return pi
+}
+
+// settleCollected records the attempt's success as the charge job's settle does: processing
+// becomes succeeded; a charge that waited (retry_scheduled, recovering, uncollectible) becomes
+// recovered; a charge already collected another way, or canceled, gets its second payment
+// refunded with RefundDuplicateTx (the call the charge job makes). hold runs inside the
+// transaction, with the charge locked, before it commits.
+func (b *bundle) settleCollected(t *testing.T, chargeID int64, pi *stripe.PaymentIntent, hold func()) {
+	t.Helper()
+	ctx := t.Context()
+	tx, err := b.pool.Begin(ctx)
+	require.NoError(t, err)
+	defer tx.Rollback(ctx)
+	var status string
+	require.NoError(t, tx.QueryRow(ctx, `select status from billing.charges where id = $1 for update`, chargeID).Scan(&status))
+	switch status {
+	case "processing":
+		_, err = tx.Exec(ctx, `update billing.charges set status = 'succeeded', payment_intent_id = $2 where id = $1`, chargeID, pi.ID)
+	case "retry_scheduled", "recovering", "uncollectible":
+		_, err = tx.Exec(ctx, `update billing.charges set status = 'recovered', payment_intent_id = $2 where id = $1`, chargeID, pi.ID)
+	default:
+		_, err = jobs.RefundDuplicateTx(ctx, tx, b.client, chargeID, pi.ID, pi.Amount, string(pi.Currency))
+	}
+	require.NoError(t, err)
+	if hold != nil {
+		hold()
+	}
+	require.NoError(t, tx.Commit(ctx))
 }

@@ -33,11 +33,16 @@ type Deps struct {
 
 // Kinds lists the job kinds that Register adds.
 func Kinds() []string {
-	return slices.Concat(recoveryKinds())
+	return slices.Concat(
+		[]string{IngestEventArgs{}.Kind(), StartSetupArgs{}.Kind()},
+		recoveryKinds(),
+	)
 }
 
 // Register adds every job kind's worker to workers.
 func Register(workers *river.Workers, d *Deps) error {
+	river.AddWorker(workers, &IngestEventWorker{deps: d})
+	river.AddWorker(workers, &StartSetupWorker{deps: d})
 	if err := registerRecovery(workers, d); err != nil {
 		return err
 	}

@@ -20,6 +20,7 @@ import (
 	"riverqueue.com/riverui"
 
 	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/internal/stripeapi"
 	"github.com/billingd/billingd/jobs"
 )
 
@@ -31,6 +32,7 @@ type Daemon struct {
 	pool   *pgxpool.Pool
 	deps   *jobs.Deps
 	river  *river.Client[pgx.Tx]
+	hooks  *Webhooks
 	http   *http.Server
 	ready  atomic.Bool
 
@@ -39,12 +41,14 @@ type Daemon struct {
 
 // New builds a daemon on an open pool. It does not start anything.
 func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, error) {
-	deps := &jobs.Deps{Pool: pool, Logger: logger, Config: cfg}
+	stripeClient := stripeapi.NewClient(cfg.StripeSecretKey, cfg.StripeAPIBase, nil, int64(cfg.StripeMaxRetries))
+	deps := &jobs.Deps{Pool: pool, Stripe: stripeClient, Logger: logger, Config: cfg}
 	client, err := NewRiverClient(pool, cfg, deps)
 	if err != nil {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, logger: logger, pool: pool, deps: deps, river: client}
+	d.hooks = NewWebhooks(pool, client, cfg.StripeWebhookSecret, logger)
 	handler, err := d.routes()
 	if err != nil {
 		return nil, err

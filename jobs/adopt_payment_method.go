@@ -41,10 +41,10 @@ func adoptPaymentMethodTx(ctx context.Context, tx pgx.Tx, client *river.Client[p
 	return nil
 }
 
-// upsertPaymentMethodQuery records an attached method for the customer (again attached if it
+// adoptPaymentMethodQuery records an attached method for the customer (again attached if it
 // had been detached) and returns its row id; a method that belongs to another customer gives
 // no row.
-const upsertPaymentMethodQuery = `
+const adoptPaymentMethodQuery = `
 insert into billing.payment_methods as pm
     (customer_id, stripe_payment_method_id, type, brand, last4, exp_month, exp_year, fingerprint)
 values ($1, $2, $3, nullif($4, ''), nullif($5, ''), nullif($6, 0), nullif($7, 0), nullif($8, ''))
@@ -70,7 +70,7 @@ func savePaymentMethodTx(ctx context.Context, tx pgx.Tx, customerID int64, pm *s
 		typ = "card"
 	}
 	var id int64
-	err := tx.QueryRow(ctx, upsertPaymentMethodQuery, customerID, pm.ID, typ, brand, last4, expMonth, expYear, fingerprint).Scan(&id)
+	err := tx.QueryRow(ctx, adoptPaymentMethodQuery, customerID, pm.ID, typ, brand, last4, expMonth, expYear, fingerprint).Scan(&id)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return fmt.Errorf("payment method %s belongs to another customer than %d", pm.ID, customerID)
 	}

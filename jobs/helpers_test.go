@@ -19,7 +19,6 @@ import (
 	"testing"
 	"time"
 
-	"encoding/json"
 	"sync/atomic"
 
 	"github.com/emersion/go-sasl"
@@ -30,7 +29,6 @@ import (
 	"github.com/riverqueue/river/rivertype"
 	"github.com/stretchr/testify/require"
 	"github.com/stripe/stripe-go/v82"
-	"github.com/stripe/stripe-go/v82/webhook"
 
 	"github.com/billingd/billingd/internal/config"
 	"github.com/billingd/billingd/internal/dbtest"
@@ -39,8 +37,6 @@ import (
 	"github.com/billingd/billingd/stripefake"
 	"github.com/billingd/billingd/worker"
 )
-
-func TestMain(m *testing.M) { dbtest.Main(m) }
 
 // ---- a real SMTP server, in the test process ----
 
@@ -256,9 +252,8 @@ type bundle struct {
 	fake    *stripefake.Server
 	stripe  *stripe.Client
 
-	// webhookClient is the River client the webhook stand-in uses (set once the client exists).
-	webhookClient atomic.Pointer[river.Client[pgx.Tx]]
-	webhookErrs   atomic.Int64
+	// hooks is the daemon's webhook handler, set once the River client exists.
+	hooks atomic.Pointer[worker.Webhooks]
 }
 
 const notifySecret = "whsec-app-test-secret"
@@ -283,9 +278,12 @@ func setup(t *testing.T, edit func(*config.Config)) *bundle {
 	t.Helper()
 	b := &bundle{pool: dbtest.NewPool(t), cfg: testConfig(t), mailbox: newMailbox(t), logs: &lockedWriter{w: &bytes.Buffer{}}}
 	b.app = newAppReceiver(t, notifySecret)
-	hook := httptest.NewServer(http.HandlerFunc(b.stripeWebhook))
+	hook := httptest.NewServer(http.HandlerFunc(b.webhooks))
 	t.Cleanup(hook.Close)
-	b.fake = stripefake.New(stripefake.WithWebhook(hook.URL, stripeWebhookSecret))
+	// The endpoint is enabled for the Checkout events that recovery needs, as a Stripe webhook
+	// endpoint is configured with its enabled_events.
+	b.fake = stripefake.New(stripefake.WithWebhook(hook.URL, stripeWebhookSecret),
+		stripefake.WithWebhookEvents("checkout.session.completed", "checkout.session.expired"))
 	t.Cleanup(b.fake.Close)
 	fakeSrv := httptest.NewServer(b.fake)
 	t.Cleanup(fakeSrv.Close)
@@ -301,7 +299,7 @@ func setup(t *testing.T, edit func(*config.Config)) *bundle {
 	client, err := worker.NewRiverClient(b.pool, b.cfg, b.deps)
 	require.NoError(t, err)
 	b.client = client
-	b.webhookClient.Store(client)
+	b.hooks.Store(worker.NewWebhooks(b.pool, client, stripeWebhookSecret, logger))
 	events, cancel := client.Subscribe(river.EventKindJobCompleted, river.EventKindJobCancelled,
 		river.EventKindJobFailed, river.EventKindJobSnoozed)
 	t.Cleanup(cancel)
@@ -433,40 +431,24 @@ func requireEvent(t *testing.T, want river.EventKind, ev *river.Event) {
 
 const stripeWebhookSecret = "whsec_recovery_test"
 
-// stripeWebhook stands in for /webhooks/stripe (issue 7) as far as recovery needs it: it verifies
-// the event and hands a completed payment-mode session to RecoveryPaidTx, answering 500 on
-// failure so that stripefake delivers again.
-func (b *bundle) stripeWebhook(w http.ResponseWriter, r *http.Request) {
-	body, _ := io.ReadAll(r.Body)
-	ev, err := webhook.ConstructEvent(body, r.Header.Get("Stripe-Signature"), stripeWebhookSecret)
-	if err != nil {
-		b.webhookErrs.Add(1)
-		http.Error(w, "bad event", http.StatusBadRequest)
+// webhooks serves /webhooks/stripe as the daemon does (worker.NewWebhooks), once the River
+// client exists.
+func (b *bundle) webhooks(w http.ResponseWriter, r *http.Request) {
+	h := b.hooks.Load()
+	if h == nil {
+		http.Error(w, "starting", http.StatusServiceUnavailable)
 		return
 	}
-	client := b.webhookClient.Load()
-	if ev.Type != "checkout.session.completed" || client == nil {
-		return
-	}
-	var cs stripe.CheckoutSession
-	if err := json.Unmarshal(ev.Data.Raw, &cs); err != nil || cs.Mode != stripe.CheckoutSessionModePayment {
-		return
-	}
-	ctx := r.Context()
-	tx, err := b.pool.Begin(ctx)
-	if err != nil {
-		http.Error(w, "db", http.StatusInternalServerError)
-		return
-	}
-	defer tx.Rollback(ctx)
-	if _, err := jobs.RecoveryPaidTx(ctx, tx, client, &cs); err != nil {
-		b.webhookErrs.Add(1)
-		http.Error(w, "recovery paid", http.StatusInternalServerError)
-		return
-	}
-	if err := tx.Commit(ctx); err != nil {
-		http.Error(w, "commit", http.StatusInternalServerError)
-	}
+	h.ServeHTTP(w, r)
+}
+
+// requireEventsProcessed checks that every Stripe event billingd received was processed.
+func (b *bundle) requireEventsProcessed(t *testing.T) {
+	t.Helper()
+	require.NoError(t, b.fake.WaitForDeliveries(t.Context()))
+	require.Eventually(t, func() bool {
+		return scalar[int](t, b.pool, `select count(*) from billing.webhook_events where status <> 'processed'`) == 0
+	}, 20*time.Second, 20*time.Millisecond, "every event processed")
 }
 
 // stripeCustomer creates the customer at stripefake with a saved card made from testPM (a

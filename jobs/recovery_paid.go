@@ -39,7 +39,7 @@ select exists (select 1 from billing.recovery_sessions where checkout_session_id
 	paidRecordForeignSessionQuery = `
 insert into billing.recovery_sessions
     (charge_id, round, seq, checkout_session_id, url, expires_at, idempotency_key, status, completed_at, payment_intent_id)
-select $1, $2, coalesce(max(seq), 0) + 1, $3, $4, $5, 'external-' || $3, 'completed', now(), $6
+select $1, $2, coalesce(max(seq), 0) + 1, $3, $4, $5, null, 'completed', now(), $6
 from billing.recovery_sessions where charge_id = $1 and round = $2`
 
 	paidChargeRecoveredQuery = `
@@ -66,15 +66,6 @@ func recoveryPaidTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx]
 	if cs.Mode != "" && cs.Mode != stripe.CheckoutSessionModePayment {
 		return false, nil
 	}
-	if cs.Status != stripe.CheckoutSessionStatusComplete || cs.PaymentStatus != stripe.CheckoutSessionPaymentStatusPaid {
-		// Completed but not paid yet (a delayed payment method): the money is not here.
-		return true, nil
-	}
-	if cs.PaymentIntent == nil || cs.PaymentIntent.ID == "" {
-		return true, fmt.Errorf("recovery session %s of charge %d is paid but names no PaymentIntent", cs.ID, chargeID)
-	}
-	piID := cs.PaymentIntent.ID
-
 	var status, currency string
 	var amount, customerID int64
 	err = tx.QueryRow(ctx, paidLockChargeQuery, chargeID).Scan(&status, &amount, &currency, &customerID)
@@ -92,6 +83,14 @@ func recoveryPaidTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx]
 	if err != nil {
 		return false, fmt.Errorf("lock recovery of charge %d: %w", chargeID, err)
 	}
+	if cs.Status != stripe.CheckoutSessionStatusComplete || cs.PaymentStatus != stripe.CheckoutSessionPaymentStatusPaid {
+		// Completed but not paid yet (a delayed payment method): the money is not here.
+		return true, nil
+	}
+	if cs.PaymentIntent == nil || cs.PaymentIntent.ID == "" {
+		return true, fmt.Errorf("recovery session %s of charge %d is paid but names no PaymentIntent", cs.ID, chargeID)
+	}
+	piID := cs.PaymentIntent.ID
 	if cs.AmountTotal != 0 && (cs.AmountTotal != amount || string(cs.Currency) != currency) {
 		return true, fmt.Errorf("recovery session %s paid %d %s for charge %d of %d %s", cs.ID, cs.AmountTotal, cs.Currency, chargeID, amount, currency)
 	}

@@ -126,7 +126,7 @@ func TestRecoveryEndToEnd(t *testing.T) {
 	// The customer pays with a new card.
 	require.NoError(t, b.fake.CompleteCheckoutSession(ctx, cs.ID, "pm_card_visa"))
 	requireEvent(t, river.EventKindJobCompleted, b.waitJob(t, "adopt_payment_method", nil))
-	require.Zero(t, b.webhookErrs.Load())
+	b.requireEventsProcessed(t)
 	require.Equal(t, "recovered", scalar[string](t, b.pool, `select status from billing.charges where id = $1`, charge))
 	require.Equal(t, "paid", scalar[string](t, b.pool, `select status from billing.recoveries where charge_id = $1`, charge))
 	require.Equal(t, "completed", scalar[string](t, b.pool, `select status from billing.recovery_sessions where checkout_session_id = $1`, cs.ID))

@@ -8,11 +8,31 @@
 -- and get the same session.
 alter table billing.recovery_sessions
     add column seq             integer not null default 1 check (seq >= 1),
-    add column idempotency_key text not null unique check (btrim(idempotency_key) <> ''),
+    -- null for a session billingd learned of from Stripe only (RecoveryPaidTx records it).
+    add column idempotency_key text unique check (btrim(idempotency_key) <> ''),
     add column expired_at      timestamptz,
     add constraint recovery_sessions_seq_key unique (charge_id, round, seq),
-    add constraint recovery_sessions_completed_check check ((status = 'completed') = (completed_at is not null)),
-    add constraint recovery_sessions_expired_check check ((status = 'expired') = (expired_at is not null));
+    add constraint recovery_sessions_completed_check check ((status = 'completed') = (completed_at is not null));
+
+-- expired_at follows status, whoever writes it (the expire_recovery job, the sweep, the
+-- checkout.session.expired webhook): set when a session becomes expired, cleared when a late
+-- payment completes it.
+-- +goose StatementBegin
+create function billing.recovery_sessions_expired_at() returns trigger
+language plpgsql as $$
+begin
+    if new.status = 'expired' then
+        new.expired_at := coalesce(new.expired_at, now());
+    else
+        new.expired_at := null;
+    end if;
+    return new;
+end
+$$;
+-- +goose StatementEnd
+
+create trigger recovery_sessions_expired_at before insert or update of status on billing.recovery_sessions
+    for each row execute function billing.recovery_sessions_expired_at();
 
 -- The seq of the next session of a recovery. It only grows: a session recorded with seq k moves
 -- it past k, and so does a key that Stripe answered with a 5xx (which Stripe stores under the key,
@@ -133,8 +153,9 @@ alter table billing.recoveries drop column next_session_seq;
 alter table billing.notifications drop constraint notifications_status_check;
 alter table billing.notifications
     add constraint notifications_status_check check (status in ('pending', 'sent', 'failed'));
+drop trigger recovery_sessions_expired_at on billing.recovery_sessions;
+drop function billing.recovery_sessions_expired_at();
 alter table billing.recovery_sessions
-    drop constraint recovery_sessions_expired_check,
     drop constraint recovery_sessions_completed_check,
     drop constraint recovery_sessions_seq_key,
     drop column expired_at,

@@ -39,7 +39,7 @@ type DeliverNotificationArgs struct {
 func (DeliverNotificationArgs) Kind() string { return "deliver_notification" }
 
 // InsertOpts puts deliveries on the notifications queue. River retries a failed delivery with
-// its backoff (about attempt^4 seconds: 1 s, 16 s, 81 s, 4 min, ... 5.7 h; about a day in all).
+// its backoff (about attempt^4 seconds: 1 s, 16 s, 81 s, 4 min, ... 4 h; about 11 hours in all).
 func (DeliverNotificationArgs) InsertOpts() river.InsertOpts {
 	return river.InsertOpts{Queue: QueueNotifications, MaxAttempts: deliverMaxAttempts}
 }

@@ -42,8 +42,8 @@ type recoverySweepWorker struct {
 	d *Deps
 }
 
-// sweepBatch bounds the rows one transaction of the sweep locks.
-const sweepBatch = 500
+// recoverySweepBatch bounds the rows one transaction of the sweep locks.
+const recoverySweepBatch = 500
 
 const (
 	// sweepWriteOffQuery writes off a batch of charges whose recovery has been open longer
@@ -121,7 +121,7 @@ func (w *recoverySweepWorker) writeOff(ctx context.Context) (int, error) {
 			return total, err
 		}
 		total += n
-		if n < sweepBatch {
+		if n < recoverySweepBatch {
 			return total, nil
 		}
 	}
@@ -133,7 +133,7 @@ func (w *recoverySweepWorker) writeOffBatch(ctx context.Context, cutoff time.Tim
 		return 0, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
-	rows, err := tx.Query(ctx, sweepWriteOffQuery, cutoff, sweepBatch)
+	rows, err := tx.Query(ctx, sweepWriteOffQuery, cutoff, recoverySweepBatch)
 	if err != nil {
 		return 0, fmt.Errorf("write off charges: %w", err)
 	}
@@ -175,7 +175,7 @@ func (w *recoverySweepWorker) remind(ctx context.Context, client *river.Client[p
 			return total, err
 		}
 		total += n
-		if n < sweepBatch {
+		if n < recoverySweepBatch {
 			return total, nil
 		}
 	}
@@ -188,7 +188,7 @@ func (w *recoverySweepWorker) remindBatch(ctx context.Context, client *river.Cli
 		return 0, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
-	rows, err := tx.Query(ctx, sweepRemindersQuery, sweepBatch)
+	rows, err := tx.Query(ctx, sweepRemindersQuery, recoverySweepBatch)
 	if err != nil {
 		return 0, fmt.Errorf("find due reminders: %w", err)
 	}

@@ -382,6 +382,25 @@ func TestFinanceEnqueueChargeRaceOnRequestKey(t *testing.T) {
 	require.Equal(t, 1, count(t, f.owner, `select count(*) from billing.charges where request_key = 'RACE-rollback'`))
 	require.Equal(t, 1, count(t, f.owner, `select count(*) from river_job where (args->>'charge_id')::bigint = $1`, idB))
 
+	// Under REPEATABLE READ the committed charge is outside B's snapshot: B gets a serialization
+	// failure, and its retry returns the charge.
+	rr := enqueueArgs{ref: "acme", amount: 555, currency: "usd", description: "rr", by: "alice", key: "RACE-rr"}
+	txB, err := f.fin.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
+	require.NoError(t, err)
+	defer txB.Rollback(ctx) //nolint:errcheck
+
+	// The first statement takes B's snapshot.
+	_, err = txB.Exec(ctx, "select 1")
+	require.NoError(t, err)
+	idA, err = f.enqueue(ctx, f.fin, rr)
+	require.NoError(t, err)
+	_, err = f.enqueue(ctx, txB, rr)
+	requirePgError(t, err, "40001", "")
+	require.NoError(t, txB.Rollback(ctx))
+	idB, err = f.enqueue(ctx, f.fin, rr)
+	require.NoError(t, err)
+	require.Equal(t, idA, idB)
+
 	// Many sessions at once with one key: one charge, one job, and everyone gets its id.
 	const n = 8
 	ids := make([]int64, n)

@@ -879,3 +879,39 @@ func TestSetAdhocCeiling(t *testing.T) {
 
 	require.Error(t, schema.SetAdhocCeiling(ctx, f.owner, 0))
 }
+
+func TestFinanceCustomerCurrencies(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFinanceDB(t)
+	// No completed setup: currencies come from a session a consent names, a plan and a top-up
+	// rule; an expired session nobody consented through gives none.
+	c := f.customer(t, dbtest.CustomerOpts{Ref: "acme"}, "")
+	session := func(currency, status string) int64 {
+		var id int64
+		require.NoError(t, f.owner.QueryRow(ctx, `insert into billing.setup_sessions
+			(customer_id, usage, terms_version, currency, status, checkout_session_id, url, expires_at)
+			values ($1, '{adhoc}', 'v1', $2, $3, $4, 'https://checkout.example/s', now())
+			returning id`, c.ID, currency, status, "cs_test_"+currency).Scan(&id))
+		return id
+	}
+	linked := session("eur", "open")
+	session("gbp", "expired")
+	_, err := f.owner.Exec(ctx, `update billing.consents set setup_session_id = $1 where customer_id = $2`, linked, c.ID)
+	require.NoError(t, err)
+	_, err = f.owner.Exec(ctx, `insert into billing.installment_plans
+		(customer_id, description, total_amount, currency, installment_count, schedule_kind, anchor_day, starts_at, next_due_at)
+		values ($1, 'sofa', 100000, 'chf', 4, 'monthly', 1, now(), now())`, c.ID)
+	require.NoError(t, err)
+	_, err = f.owner.Exec(ctx, `insert into billing.topup_rules (customer_id, description, currency, kind, threshold_amount, fixed_amount)
+		values ($1, 'wallet', 'sek', 'threshold', 1000, 5000)`, c.ID)
+	require.NoError(t, err)
+
+	for _, currency := range []string{"eur", "chf", "sek"} {
+		_, err := f.enqueue(ctx, f.fin, enqueueArgs{ref: "acme", amount: 100, currency: currency, description: "x", by: "alice"})
+		require.NoError(t, err, currency)
+	}
+	_, err = f.enqueue(ctx, f.fin, enqueueArgs{ref: "acme", amount: 100, currency: "gbp", description: "x", by: "alice"})
+	pgErr := requirePgError(t, err, codeNotBilledIn, `customer "acme" is not billed in gbp`)
+	require.Equal(t, "The customer is billed in: chf, eur, sek.", pgErr.Detail)
+}

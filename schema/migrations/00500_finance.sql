@@ -86,7 +86,7 @@ as $$
           and (s.status = 'completed'
                or exists (select 1 from billing.consents c
                           where c.customer_id = s.customer_id
-                            and c.checkout_session_id = s.checkout_session_id))
+                            and (c.setup_session_id = s.id or c.checkout_session_id = s.checkout_session_id)))
         union all
         select p.currency from billing.installment_plans p where p.customer_id = customer_currencies.customer_id
         union all

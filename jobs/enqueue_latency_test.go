@@ -1,8 +1,3 @@
-//go:build financebench
-
-// The build tag keeps this benchmark out of ordinary builds until the charge worker and its test
-// harness (newEnv in this package's tests) are on the branch; drop the tag once they are.
-
 package jobs_test
 
 import (
@@ -20,11 +15,11 @@ import (
 
 // BenchmarkEnqueueChargeToPaymentIntent measures what finance sees: the time from
 // `select billing.enqueue_charge(...)` (autocommit) to the PaymentIntent existing at stripefake,
-// through the daemon's own River client and charge worker, with River's default-like fetch
-// cooldown. Calls are sequential, so each one measures the path alone, without a queue. It
+// through the daemon's own River client and charge worker, with billingd's default fetch
+// cooldown (BILLING_FETCH_COOLDOWN, 20ms). Calls are sequential, so each one measures the path alone, without a queue. It
 // reports the median, p99 and maximum over b.N calls; run 1,000 with
 //
-//	go test -tags financebench -run '^$' -bench EnqueueChargeToPaymentIntent -benchtime 1000x ./jobs/
+//	go test -run '^$' -bench EnqueueChargeToPaymentIntent -benchtime 1000x ./jobs/
 //
 // stripefake answers in microseconds: add Stripe's own time (hundreds of milliseconds) for
 // production.

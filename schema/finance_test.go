@@ -547,6 +547,21 @@ func TestFinanceCancelCharge(t *testing.T) {
 		})
 	}
 
+	// Canceling a charge in recovery closes its recovery and expires its open page (the recovery
+	// feature's trigger), also when finance cancels.
+	t.Run("cancels recovering with an open recovery page", func(t *testing.T) {
+		id := newCharge("recovering")
+		f.insert(t, "recoveries", map[string]any{"charge_id": id, "token": strings.Repeat("t", 40) + fmt.Sprint(id), "reason": "card_declined"})
+		f.insert(t, "recovery_sessions", map[string]any{
+			"charge_id": id, "round": 1, "checkout_session_id": fmt.Sprintf("cs_test_rec_%d", id), "url": "https://checkout.example/r",
+			"expires_at": time.Now().Add(24 * time.Hour), "idempotency_key": fmt.Sprintf("rs-%d", id),
+		})
+		_, err := f.fin.Exec(ctx, cancelChargeQuery, id, "settled by phone", "bob")
+		require.NoError(t, err)
+		require.Equal(t, 1, count(t, f.owner, `select count(*) from billing.recoveries where charge_id = $1 and status = 'closed'`, id))
+		require.Equal(t, 1, count(t, f.owner, `select count(*) from river_job where kind = 'expire_recovery' and (args->>'charge_id')::bigint = $1`, id))
+	})
+
 	for _, status := range []string{"processing", "succeeded", "recovered", "uncollectible"} {
 		t.Run("refuses "+status, func(t *testing.T) {
 			id := newCharge(status)

@@ -35,6 +35,7 @@ Usage: billingbench <command> [flags]
 Commands:
   pipeline  charges per second through the whole pipeline, beside River's no-op jobs/s at the same workers
   limited   sustained charges per second with Stripe latency and a rate limit (target: >= 95/s at 100/s, no 429)
+  enqueue   billing.enqueue_charge -> PaymentIntent latency, median and p99 over sequential calls
   chaos     several billingd replicas killed with SIGKILL and restarted while stripefake misbehaves;
             reports charges attempted, collected, duplicated (must be 0) and lost (must be 0)
 
@@ -89,6 +90,8 @@ func run(ctx context.Context, args []string, getenv env, stdout, stderr io.Write
 		return cmdPipeline(ctx, rest, getenv, stdout, stderr)
 	case "limited":
 		return cmdLimited(ctx, rest, getenv, stdout, stderr)
+	case "enqueue":
+		return cmdEnqueue(ctx, rest, getenv, stdout, stderr)
 	case "chaos":
 		return cmdChaos(ctx, rest, getenv, stdout, stderr)
 	case "help", "-h", "-help", "--help":
@@ -193,6 +196,37 @@ func cmdLimited(ctx context.Context, args []string, getenv env, stdout, stderr i
 	}
 	fmt.Fprintf(stdout, "median of %d: sustained %.1f charges/s = %.3f of the %.0f/s limit; 429s in all runs: %d\n",
 		c.runs, median(sustained), median(ratios), o.StripeRPS, tooMany)
+	return nil
+}
+
+func cmdEnqueue(ctx context.Context, args []string, getenv env, stdout, stderr io.Writer) error {
+	var c common
+	var o bench.EnqueueOptions
+	fs := newFlagSet("enqueue", getenv, stderr, &c)
+	fs.IntVar(&o.Calls, "calls", 1000, "sequential billing.enqueue_charge calls measured (after one warm-up call)")
+	fs.DurationVar(&o.FetchCooldown, "fetch-cooldown", 20*time.Millisecond, "River's fetch cooldown (BILLING_FETCH_COOLDOWN; billingd's default is 20ms)")
+	if err := parseFlags(fs, args, &c); err != nil {
+		return err
+	}
+	if o.Calls < 1 {
+		return errors.New("-calls must be at least 1")
+	}
+	logger, srv, err := open(c, stderr)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	fmt.Fprintf(stdout, "enqueue: %d sequential calls, fetch cooldown %v, stripefake without latency, %d run(s)\n", o.Calls, o.FetchCooldown, c.runs)
+	var medians, p99s []float64
+	for i := range c.runs {
+		r, err := bench.Enqueue(ctx, srv, logger, o)
+		if err != nil {
+			return fmt.Errorf("enqueue run %d: %w", i+1, err)
+		}
+		fmt.Fprintf(stdout, "run %d: %s\n", i+1, r)
+		medians, p99s = append(medians, r.Median.Seconds()*1000), append(p99s, r.P99.Seconds()*1000)
+	}
+	fmt.Fprintf(stdout, "median of %d: median %.1f ms, p99 %.1f ms (fetch cooldown %v)\n", c.runs, median(medians), median(p99s), o.FetchCooldown)
 	return nil
 }
 

@@ -155,7 +155,7 @@ func cmdPipeline(ctx context.Context, args []string, getenv env, stdout, stderr 
 		fmt.Fprintf(stdout, "run %d: %s\n", i+1, r)
 		rates, noops, ratios = append(rates, r.ChargesPerSec), append(noops, r.NoopJobsPerSec), append(ratios, r.Ratio())
 	}
-	fmt.Fprintf(stdout, "median of %d: pipeline %.0f charges/s, River no-op %.0f jobs/s, ratio %.2f\n", c.runs, median(rates), median(noops), median(ratios))
+	fmt.Fprintf(stdout, "median of %d: pipeline %.0f charges/s, River no-op %.0f jobs/s, ratio %.3f\n", c.runs, median(rates), median(noops), median(ratios))
 	return nil
 }
 

@@ -27,7 +27,7 @@ type EnqueueResult struct {
 
 func (r EnqueueResult) String() string {
 	return fmt.Sprintf("enqueue_charge -> PaymentIntent at stripefake over %d calls (fetch cooldown %v): median %s, p99 %s, max %s",
-		len(r.Latencies), r.Options.FetchCooldown, r.Median, r.P99, r.Max)
+		len(r.Latencies), r.Options.FetchCooldown, r.Median.Round(10*time.Microsecond), r.P99.Round(10*time.Microsecond), r.Max.Round(10*time.Microsecond))
 }
 
 const insertSetupSessionQuery = `insert into billing.setup_sessions

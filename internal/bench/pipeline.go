@@ -110,7 +110,7 @@ type PipelineResult struct {
 func (r PipelineResult) Ratio() float64 { return r.ChargesPerSec / r.NoopJobsPerSec }
 
 func (r PipelineResult) String() string {
-	return fmt.Sprintf("workers=%d charges=%d: pipeline %.0f charges/s, River no-op %.0f jobs/s, ratio %.2f",
+	return fmt.Sprintf("workers=%d charges=%d: pipeline %.0f charges/s, River no-op %.0f jobs/s, ratio %.3f",
 		r.Options.Workers, r.Options.Charges, r.ChargesPerSec, r.NoopJobsPerSec, r.Ratio())
 }
 

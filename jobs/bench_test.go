@@ -64,12 +64,12 @@ func BenchmarkChargePipeline(b *testing.B) {
 //
 //	go test ./jobs -run '^$' -bench ChargeRateLimited -benchtime 1x
 //
-// BILLINGD_BENCH_LIMITED_CHARGES (default 1500) and BILLINGD_BENCH_LIMITED_WORKERS (default 100)
+// BILLINGD_BENCH_LIMITED_CHARGES (default 3000, 30 s at the limit) and BILLINGD_BENCH_LIMITED_WORKERS (default 100)
 // size it. 100 workers need 110 connections: run it on the throwaway cluster (TEST_DATABASE_URL
 // unset), not on a shared server with max_connections 100.
 func BenchmarkChargeRateLimited(b *testing.B) {
 	o := bench.LimitedOptions{
-		Charges:   benchSize(b, "BILLINGD_BENCH_LIMITED_CHARGES", 1500),
+		Charges:   benchSize(b, "BILLINGD_BENCH_LIMITED_CHARGES", 3000),
 		Workers:   benchSize(b, "BILLINGD_BENCH_LIMITED_WORKERS", 100),
 		Latency:   250 * time.Millisecond,
 		FakeRPS:   100,

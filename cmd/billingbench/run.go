@@ -163,7 +163,7 @@ func cmdLimited(ctx context.Context, args []string, getenv env, stdout, stderr i
 	var c common
 	var o bench.LimitedOptions
 	fs := newFlagSet("limited", getenv, stderr, &c)
-	fs.IntVar(&o.Charges, "charges", 1500, "charges")
+	fs.IntVar(&o.Charges, "charges", 3000, "charges (3,000 are 30 s at the limit)")
 	fs.IntVar(&o.Workers, "workers", 100, "charge queue workers (BILLING_MAX_WORKERS); needs workers+10 connections")
 	fs.DurationVar(&o.Latency, "latency", 250*time.Millisecond, "stripefake's latency on every PaymentIntent create")
 	fs.Float64Var(&o.FakeRPS, "fake-rps", 100, "stripefake's rate limit: 429 rate_limit above it (Stripe live mode: 100)")

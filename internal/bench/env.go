@@ -407,7 +407,7 @@ func (e *Env) WaitSettled(ctx context.Context, ids []int64, timeout time.Duratio
 		select {
 		case <-ctx.Done():
 			return states, ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }

@@ -2,15 +2,51 @@ package worker
 
 import (
 	"context"
+	"crypto/subtle"
+	"fmt"
 	"net/http"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"riverqueue.com/riverui"
+
+	"github.com/billingd/billingd/internal/metrics"
 )
 
-func (d *Daemon) routes() http.Handler {
+func (d *Daemon) routes() (http.Handler, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", d.healthz)
 	mux.HandleFunc("GET /readyz", d.readyz)
-	return mux
+	mux.Handle("GET /metrics", promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}))
+	if d.cfg.RiverUIUser != "" {
+		ui, err := riverui.NewHandler(&riverui.HandlerOpts{
+			Endpoints: riverui.NewEndpoints(d.river, nil),
+			Logger:    d.logger,
+			Prefix:    "/riverui",
+			// Job args hold only ids, but hide them by default all the same.
+			JobListHideArgsByDefault: true,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("river ui: %w", err)
+		}
+		d.riverUI = ui
+		mux.Handle("/riverui/", basicAuth(d.cfg.RiverUIUser, d.cfg.RiverUIPass, ui))
+	}
+	return mux, nil
+}
+
+// basicAuth guards h with HTTP basic authentication, comparing in constant time.
+func basicAuth(user, pass string, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		u, p, ok := r.BasicAuth()
+		if !ok || subtle.ConstantTimeCompare([]byte(u), []byte(user)) != 1 ||
+			subtle.ConstantTimeCompare([]byte(p), []byte(pass)) != 1 {
+			w.Header().Set("WWW-Authenticate", `Basic realm="billingd", charset="UTF-8"`)
+			http.Error(w, "authentication required", http.StatusUnauthorized)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // healthz answers 200 while the process is up.

@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+	"riverqueue.com/riverui"
 
 	"github.com/billingd/billingd/internal/config"
 	"github.com/billingd/billingd/jobs"
@@ -31,6 +32,8 @@ type Daemon struct {
 	river  *river.Client[pgx.Tx]
 	http   *http.Server
 	ready  atomic.Bool
+
+	riverUI *riverui.Handler // nil unless River UI is enabled
 }
 
 // New builds a daemon on an open pool. It does not start anything.
@@ -41,9 +44,13 @@ func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, 
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, logger: logger, pool: pool, river: client}
+	handler, err := d.routes()
+	if err != nil {
+		return nil, err
+	}
 	d.http = &http.Server{
 		Addr:              cfg.HTTPAddr,
-		Handler:           d.routes(),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -115,6 +122,12 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 		ln.Close()
 		return fmt.Errorf("start river: %w", err)
 	}
+	if d.riverUI != nil {
+		if err := d.riverUI.Start(ctx); err != nil {
+			ln.Close()
+			return fmt.Errorf("start river ui: %w", err)
+		}
+	}
 	httpErr := make(chan error, 1)
 	go func() { httpErr <- d.http.Serve(ln) }()
 	d.ready.Store(true)
@@ -141,7 +154,11 @@ func (d *Daemon) stop() error {
 
 	var riverErr error
 	if len(jobs.Kinds()) == 0 {
-		return <-done
+		if err := <-done; err != nil {
+			return fmt.Errorf("drain http: %w", err)
+		}
+		d.logger.Info("billingd stopped")
+		return nil
 	}
 	softCtx, cancel := context.WithTimeout(context.Background(), d.cfg.SoftStopTimeout)
 	defer cancel()

@@ -36,6 +36,7 @@ Usage: billingd <command> [flags]
 Commands:
   run          run the daemon: jobs, webhooks, recovery links, health and metrics
   migrate      apply River's and billing's migrations (idempotent, safe from several replicas)
+  status       what is due, in flight, failed and recovering, at a glance
   healthcheck  exit 0 when the daemon at BILLING_HTTP_ADDR answers /healthz
   version      print the version
 
@@ -54,6 +55,8 @@ func run(ctx context.Context, args []string, env config.Env, stdout, stderr io.W
 		return cmdRun(ctx, rest, env, stderr)
 	case "migrate":
 		return cmdMigrate(ctx, rest, env, stdout, stderr)
+	case "status":
+		return cmdStatus(ctx, rest, env, stdout, stderr)
 	case "healthcheck":
 		return cmdHealthcheck(ctx, rest, env, stderr)
 	case "version", "-version", "--version":

@@ -74,9 +74,14 @@ func NewFlagSet(cmd string, cfg *Config, env Env) *flag.FlagSet {
 	str := func(p *string, name, envName, def, usage string) {
 		fs.StringVar(p, name, or(env(envName), def), usage+" ($"+envName+")")
 	}
-	str(&cfg.DatabaseURL, "database-url", "DATABASE_URL", "", "PostgreSQL connection URL (required)")
-	str(&cfg.StripeSecretKey, "stripe-secret-key", "STRIPE_SECRET_KEY", "", "Stripe secret or restricted key, sk_... or rk_... (required for run)")
-	str(&cfg.StripeWebhookSecret, "stripe-webhook-secret", "STRIPE_WEBHOOK_SECRET", "", "signing secret of the webhook endpoint, whsec_... (required for run)")
+	// Settings that may carry a secret never show their value as a default in -h.
+	secretVar := func(p *string, name, envName, usage string) {
+		*p = env(envName)
+		fs.Var((*secret)(p), name, usage+" ($"+envName+")")
+	}
+	secretVar(&cfg.DatabaseURL, "database-url", "DATABASE_URL", "PostgreSQL connection `URL` (required)")
+	secretVar(&cfg.StripeSecretKey, "stripe-secret-key", "STRIPE_SECRET_KEY", "Stripe secret or restricted `key`, sk_... or rk_... (required for run)")
+	secretVar(&cfg.StripeWebhookSecret, "stripe-webhook-secret", "STRIPE_WEBHOOK_SECRET", "signing `secret` of the webhook endpoint, whsec_... (required for run)")
 	str(&cfg.StripeAPIBase, "stripe-api-base", "STRIPE_API_BASE", "https://api.stripe.com", "base URL of the Stripe API (a stripefake URL in tests and the demo)")
 	str(&cfg.HTTPAddr, "http-addr", "BILLING_HTTP_ADDR", ":8080", "address of the HTTP server (webhooks, recovery links, health, metrics)")
 	str(&cfg.PublicURL, "public-url", "BILLING_PUBLIC_URL", "http://localhost:8080", "public base URL of this server, used in recovery links")
@@ -94,12 +99,12 @@ func NewFlagSet(cmd string, cfg *Config, env Env) *flag.FlagSet {
 	str(&cfg.RecoveryCancelURL, "recovery-cancel-url", "BILLING_RECOVERY_CANCEL_URL", "", "where Checkout sends a customer who left a recovery session (default: <public-url>/recover/canceled)")
 	str(&cfg.SetupSuccessURL, "setup-success-url", "BILLING_SETUP_SUCCESS_URL", "", "where Checkout sends a customer who saved a card (default: <public-url>/setup/done)")
 	str(&cfg.SetupCancelURL, "setup-cancel-url", "BILLING_SETUP_CANCEL_URL", "", "where Checkout sends a customer who left the setup page (default: <public-url>/setup/canceled)")
-	str(&cfg.SMTPURL, "smtp-url", "BILLING_SMTP_URL", "", "SMTP server for customer email, smtp://user:pass@host:port (empty: no email)")
+	secretVar(&cfg.SMTPURL, "smtp-url", "BILLING_SMTP_URL", "SMTP server for customer email, as a `URL` smtp://user:pass@host:port (empty: no email)")
 	str(&cfg.EmailFrom, "email-from", "BILLING_EMAIL_FROM", "billing@localhost", "From address of customer email")
 	str(&cfg.NotifyURL, "notify-url", "BILLING_NOTIFY_URL", "", "URL of the host application that receives signed notification POSTs (empty: none)")
-	str(&cfg.NotifySecret, "notify-secret", "BILLING_NOTIFY_SECRET", "", "HMAC-SHA256 key that signs notification POSTs (required with -notify-url)")
+	secretVar(&cfg.NotifySecret, "notify-secret", "BILLING_NOTIFY_SECRET", "HMAC-SHA256 `key` that signs notification POSTs (required with -notify-url)")
 	str(&cfg.RiverUIUser, "riverui-user", "BILLING_RIVERUI_USER", "", "basic-auth user for /riverui/ (River UI is off unless user and password are set)")
-	str(&cfg.RiverUIPass, "riverui-password", "BILLING_RIVERUI_PASSWORD", "", "basic-auth password for /riverui/")
+	secretVar(&cfg.RiverUIPass, "riverui-password", "BILLING_RIVERUI_PASSWORD", "basic-auth `password` for /riverui/")
 	int64Var(cfg, fs, &cfg.AdhocCeiling, "adhoc-ceiling", "BILLING_ADHOC_CEILING", 1_000_000, "largest ad-hoc charge finance may enqueue, in minor units (stored in the database at start)", env)
 	durVar(cfg, fs, &cfg.RecoveryWindow, "recovery-window", "BILLING_RECOVERY_WINDOW", 14*24*time.Hour, "how long a failed charge may be paid through recovery before it is uncollectible", env)
 	return fs
@@ -159,6 +164,12 @@ func durVar(cfg *Config, fs *flag.FlagSet, p *time.Duration, name, envName strin
 	}
 	fs.DurationVar(p, name, *p, usage+" ($"+envName+")")
 }
+
+// secret is a string flag whose value is never printed: -h shows no default for it.
+type secret string
+
+func (s *secret) String() string     { return "" }
+func (s *secret) Set(v string) error { *s = secret(v); return nil }
 
 func or(a, b string) string {
 	if a != "" {

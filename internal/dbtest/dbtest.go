@@ -14,7 +14,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -27,6 +26,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/billingd/billingd/internal/pgtemp"
 	"github.com/billingd/billingd/schema"
 )
 
@@ -34,7 +34,7 @@ var (
 	serverOnce sync.Once
 	serverURL  string
 	serverErr  error
-	cluster    *Cluster
+	cluster    *pgtemp.Cluster
 
 	templateOnce sync.Once
 	templateName string
@@ -66,7 +66,7 @@ func ServerURL(tb testing.TB) string {
 			serverURL = u
 			return
 		}
-		cluster, serverErr = StartCluster(os.TempDir())
+		cluster, serverErr = pgtemp.Start(os.TempDir())
 		if serverErr == nil {
 			serverURL = cluster.URL("postgres")
 		}
@@ -245,8 +245,6 @@ func randomHex(n int) string {
 	}
 	return hex.EncodeToString(b)
 }
-
-var errNoBinaries = errors.New("no PostgreSQL server binaries found (initdb, pg_ctl)")
 
 // NewEmptyDB creates an empty database (no migrations) on the server at admin and returns its
 // URL; it is dropped when the test ends. For tests of the migrations themselves.

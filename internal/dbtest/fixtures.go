@@ -52,7 +52,7 @@ func NewCustomer(tb testing.TB, pool *pgxpool.Pool, o CustomerOpts) Customer {
 	if o.PaymentMethodID != "-" {
 		if err := pool.QueryRow(ctx, `insert into billing.payment_methods
 			(customer_id, stripe_payment_method_id, brand, last4, exp_month, exp_year, fingerprint)
-			values ($1, $2, 'visa', '4242', 12, 2034, 'fp_' || $1) returning id`, c.ID, o.PaymentMethodID).Scan(&c.PaymentMethodID); err != nil {
+			values ($1, $2, 'visa', '4242', 12, 2034, $3) returning id`, c.ID, o.PaymentMethodID, "fp_"+o.Ref).Scan(&c.PaymentMethodID); err != nil {
 			tb.Fatalf("dbtest.NewCustomer: payment method: %v", err)
 		}
 		if _, err := pool.Exec(ctx, `update billing.customers set default_payment_method_id = $1 where id = $2`, c.PaymentMethodID, c.ID); err != nil {

@@ -1,6 +1,9 @@
-package dbtest
+// Package pgtemp starts a throwaway PostgreSQL cluster from the installed server binaries, for
+// the tests (through internal/dbtest) and for `billingd demo` on a machine with no database set up.
+package pgtemp
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -21,10 +24,10 @@ type Cluster struct {
 	cred *syscall.Credential
 }
 
-// StartCluster initialises and starts a throwaway cluster under a new directory in parent,
+// Start initialises and starts a throwaway cluster under a new directory in parent,
 // listening on 127.0.0.1 at a free port with trust authentication. PostgreSQL refuses to run as
 // root, so when the caller is root the cluster runs as the "postgres" system user.
-func StartCluster(parent string) (*Cluster, error) {
+func Start(parent string) (*Cluster, error) {
 	bin, err := findBinaries()
 	if err != nil {
 		return nil, err
@@ -88,6 +91,9 @@ func (c *Cluster) run(name string, args ...string) ([]byte, error) {
 	return cmd.CombinedOutput()
 }
 
+// ErrNoBinaries means that no PostgreSQL server binaries were found.
+var ErrNoBinaries = errors.New("no PostgreSQL server binaries found (initdb, pg_ctl)")
+
 // findBinaries locates the directory holding initdb and pg_ctl: PG_BINDIR, then pg_config's
 // --bindir, then the newest /usr/lib/postgresql/*/bin, then PATH.
 func findBinaries() (string, error) {
@@ -109,7 +115,7 @@ func findBinaries() (string, error) {
 			return d, nil
 		}
 	}
-	return "", fmt.Errorf("%w; install them (Debian: apt-get install -y postgresql) or set TEST_DATABASE_URL", errNoBinaries)
+	return "", fmt.Errorf("%w; install them (Debian: apt-get install -y postgresql) or set DATABASE_URL", ErrNoBinaries)
 }
 
 func versionOf(binDir string) int {

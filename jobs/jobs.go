@@ -31,12 +31,17 @@ type Deps struct {
 }
 
 // Kinds lists the job kinds that Register adds.
-func Kinds() []string { return nil }
+func Kinds() []string {
+	return []string{
+		DueArgs{}.Kind(),
+	}
+}
 
 // Register adds every job kind's worker to workers.
 func Register(workers *river.Workers, d *Deps) error {
-	_ = d
-	_ = workers
+	if err := river.AddWorkerSafely(workers, NewDueWorker(d)); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -44,6 +49,11 @@ func Register(workers *river.Workers, d *Deps) error {
 // only; each is a trigger, and what it acts on lives in the database, so a restart or a new
 // leader misses nothing and repeats nothing.
 func PeriodicJobs(d *Deps) ([]*river.PeriodicJob, error) {
-	_ = d
-	return nil, nil
+	due, err := newDuePeriodicJob(d)
+	if err != nil {
+		return nil, err
+	}
+	return []*river.PeriodicJob{
+		due,
+	}, nil
 }

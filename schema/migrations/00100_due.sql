@@ -12,7 +12,7 @@ alter table billing.installment_plans
         'schedule_pending', 'active', 'paused', 'completed', 'canceled', 'invalid')),
     add column status_reason text,
     add column canceled_at   timestamptz,
-    add column request_key   text unique check (request_key is null or btrim(request_key) <> ''),
+    add column request_key   text check (request_key is null or btrim(request_key) <> ''),
     -- Monthly plans: the local month of installment 1 and the local time of day of every
     -- installment, derived from starts_at by a trigger (below) so that each next due date is a
     -- cheap expression.
@@ -20,6 +20,10 @@ alter table billing.installment_plans
     add column due_time      time,
     add constraint installment_plans_canceled_check check ((status = 'canceled') = (canceled_at is not null)),
     add constraint installment_plans_invalid_check check (status <> 'invalid' or status_reason is not null);
+
+-- A request_key names one plan or rule. Partial: rows without one (most) cost no index entry
+-- on each update of the due computation.
+create unique index installment_plans_request_key_key on billing.installment_plans (request_key) where request_key is not null;
 
 -- The due scan walks (next_due_at, id) in order, batch after batch.
 drop index billing.installment_plans_due_idx;
@@ -34,11 +38,12 @@ alter table billing.topup_rules
     add column time_zone     text not null default 'UTC',
     add column status_reason text,
     add column canceled_at   timestamptz,
-    add column request_key   text unique check (request_key is null or btrim(request_key) <> ''),
+    add column request_key   text check (request_key is null or btrim(request_key) <> ''),
     add constraint topup_rules_canceled_check check ((status = 'canceled') = (canceled_at is not null)),
     add constraint topup_rules_invalid_check check (status <> 'invalid' or status_reason is not null),
     add constraint topup_rules_scheduled_due_check check (kind <> 'scheduled' or (status = 'active') <= (next_due_at is not null));
 
+create unique index topup_rules_request_key_key on billing.topup_rules (request_key) where request_key is not null;
 create index topup_rules_threshold_idx on billing.topup_rules (id) where kind = 'threshold' and status = 'active';
 create index topup_rules_scheduled_due_idx on billing.topup_rules (next_due_at, id) where kind = 'scheduled' and status = 'active';
 create index topup_rules_pending_idx on billing.topup_rules (id) where status = 'schedule_pending';
@@ -278,6 +283,7 @@ create function billing.create_installment_plan(
     request_key       text        default null
 ) returns bigint
 language plpgsql as $$
+#variable_conflict use_column
 declare
     v_customer_id bigint;
     v_currency    text := lower(btrim(currency));
@@ -360,7 +366,7 @@ begin
         case when v_cron is null then 'active' else 'schedule_pending' end,
         case when v_cron is null then billing.monthly_due_at(starts_at, v_zone, anchor_day, 1) end,
         request_key)
-    on conflict on constraint installment_plans_request_key_key do nothing
+    on conflict (request_key) where request_key is not null do nothing
     returning p.id into v_id;
     if v_id is not null then
         return v_id;
@@ -439,6 +445,7 @@ create function billing.create_topup_rule(
     request_key      text     default null
 ) returns bigint
 language plpgsql as $$
+#variable_conflict use_column
 declare
     v_customer_id bigint;
     v_currency    text := lower(btrim(currency));
@@ -541,7 +548,7 @@ begin
         v_cron, v_zone, coalesce(cooldown, case when v_kind = 'threshold' then interval '1 hour' else interval '0' end),
         max_per_period, coalesce(cap_period, interval '1 day'),
         case when v_kind = 'scheduled' then 'schedule_pending' else 'active' end, request_key)
-    on conflict on constraint topup_rules_request_key_key do nothing
+    on conflict (request_key) where request_key is not null do nothing
     returning r.id into v_id;
     if v_id is not null then
         return v_id;
@@ -636,6 +643,8 @@ drop function billing.cron_field_value(text, integer);
 drop function billing.cron_expr_zone(text);
 drop function billing.is_time_zone(text);
 drop table billing.time_zones;
+drop index billing.topup_rules_request_key_key;
+drop index billing.installment_plans_request_key_key;
 drop table billing.balances;
 drop index billing.charges_topup_due_idx;
 drop index billing.charges_topup_open_idx;

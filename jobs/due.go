@@ -66,7 +66,12 @@ func (w *DueWorker) Work(ctx context.Context, job *river.Job[DueArgs]) error {
 		BatchSize: w.deps.Config.DueBatchSize,
 		Workers:   dueWorkers,
 	}
-	_, err := due.Run(ctx, time.Now())
+	// One clock for every replica: the database's.
+	var now time.Time
+	if err := w.deps.Pool.QueryRow(ctx, "select now()").Scan(&now); err != nil {
+		return fmt.Errorf("due computation: read the database clock: %w", err)
+	}
+	_, err := due.Run(ctx, now)
 	return err
 }
 
@@ -128,7 +133,7 @@ func (d *Due) Run(ctx context.Context, now time.Time) (DueResult, error) {
 	phases := []struct {
 		name  string
 		batch func(context.Context, time.Time, *dueCursor) (DueResult, int, error)
-		multi bool // keyset passes are repeated until a whole pass finds nothing
+		multi bool // another keyset pass follows a pass that left rows due again
 	}{
 		{"schedule installment plans", d.schedulePlansBatch, false},
 		{"schedule top-up rules", d.scheduleRulesBatch, false},

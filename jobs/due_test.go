@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -612,7 +611,9 @@ func TestDueTwoReplicasPeriodic(t *testing.T) {
 		plans = append(plans, p)
 	}
 
-	cfg := &config.Config{DueSchedule: "@every 1s", DueBatchSize: 3}
+	cfg := &config.Config{}
+	require.NoError(t, config.NewFlagSet("run", cfg, func(string) string { return "" }).Parse(nil)) // the defaults
+	cfg.DueSchedule, cfg.DueBatchSize = "@every 1s", 3
 	for range 2 {
 		p := dbtest.Pool(t, dbURL)
 		deps := &jobs.Deps{Pool: p, Logger: quiet, Config: cfg}
@@ -626,9 +627,6 @@ func TestDueTwoReplicasPeriodic(t *testing.T) {
 			Workers:       workers,
 			PeriodicJobs:  periodic,
 			FetchCooldown: 20 * time.Millisecond,
-			// The charge worker is registered by jobs.Register once the charge issue lands; until
-			// then River would refuse to insert a kind this client cannot work.
-			SkipUnknownJobCheck: !slices.Contains(jobs.Kinds(), jobs.ChargeArgs{}.Kind()),
 		})
 		require.NoError(t, err)
 		require.NoError(t, client.Start(ctx))

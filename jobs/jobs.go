@@ -5,6 +5,7 @@ package jobs
 
 import (
 	"log/slog"
+	"slices"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
@@ -32,16 +33,24 @@ type Deps struct {
 
 // Kinds lists the job kinds that Register adds.
 func Kinds() []string {
-	return []string{
+	return slices.Concat(chargeKinds(), []string{
+		IngestEventArgs{}.Kind(),
+		StartSetupArgs{}.Kind(),
 		DueArgs{}.Kind(),
-	}
+	})
 }
 
 // Register adds every job kind's worker to workers.
 func Register(workers *river.Workers, d *Deps) error {
+	if err := registerCharge(workers, d); err != nil {
+		return err
+	}
+	river.AddWorker(workers, &IngestEventWorker{deps: d})
+	river.AddWorker(workers, &StartSetupWorker{deps: d})
 	if err := river.AddWorkerSafely(workers, NewDueWorker(d)); err != nil {
 		return err
 	}
+	registerPendingKinds(workers)
 	return nil
 }
 
@@ -49,11 +58,16 @@ func Register(workers *river.Workers, d *Deps) error {
 // only; each is a trigger, and what it acts on lives in the database, so a restart or a new
 // leader misses nothing and repeats nothing.
 func PeriodicJobs(d *Deps) ([]*river.PeriodicJob, error) {
+	var all []*river.PeriodicJob
+	charge, err := chargePeriodicJobs(d)
+	if err != nil {
+		return nil, err
+	}
+	all = append(all, charge...)
 	due, err := newDuePeriodicJob(d)
 	if err != nil {
 		return nil, err
 	}
-	return []*river.PeriodicJob{
-		due,
-	}, nil
+	all = append(all, due)
+	return all, nil
 }

@@ -17,9 +17,11 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+	"github.com/stripe/stripe-go/v82"
 	"riverqueue.com/riverui"
 
 	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/internal/stripeapi"
 	"github.com/billingd/billingd/jobs"
 )
 
@@ -30,6 +32,7 @@ type Daemon struct {
 	logger *slog.Logger
 	pool   *pgxpool.Pool
 	river  *river.Client[pgx.Tx]
+	hooks  *Webhooks
 	http   *http.Server
 	ready  atomic.Bool
 
@@ -38,12 +41,17 @@ type Daemon struct {
 
 // New builds a daemon on an open pool. It does not start anything.
 func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, error) {
-	deps := &jobs.Deps{Pool: pool, Logger: logger, Config: cfg}
+	sc, err := NewStripeClient(pool, cfg)
+	if err != nil {
+		return nil, err
+	}
+	deps := &jobs.Deps{Pool: pool, Stripe: sc, Logger: logger, Config: cfg}
 	client, err := NewRiverClient(pool, cfg, deps)
 	if err != nil {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, logger: logger, pool: pool, river: client}
+	d.hooks = NewWebhooks(pool, client, cfg.StripeWebhookSecret, logger)
 	handler, err := d.routes()
 	if err != nil {
 		return nil, err
@@ -58,6 +66,26 @@ func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, 
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	return d, nil
+}
+
+// StripeRateLimitName names the row of billing.rate_limits that paces every replica's calls to
+// Stripe together.
+const StripeRateLimitName = "stripe"
+
+// NewStripeClient returns the Stripe client of the daemon: STRIPE_API_BASE and the secret key
+// from cfg, stripe-go's own network retries (BILLING_STRIPE_MAX_NETWORK_RETRIES, same
+// idempotency key), and every request, retries included, paced by the rate limit shared by all
+// replicas (BILLING_STRIPE_RPS).
+func NewStripeClient(pool *pgxpool.Pool, cfg *config.Config) (*stripe.Client, error) {
+	limiter, err := stripeapi.NewLimiter(pool, StripeRateLimitName, cfg.StripeRPS)
+	if err != nil {
+		return nil, err
+	}
+	httpClient := &http.Client{
+		Transport: stripeapi.RateLimitedTransport(nil, limiter),
+		Timeout:   60 * time.Second,
+	}
+	return stripeapi.NewClient(cfg.StripeSecretKey, cfg.StripeAPIBase, httpClient, int64(cfg.StripeMaxRetries)), nil
 }
 
 // NewRiverClient returns the River client with billingd's queues, workers and periodic jobs.
@@ -76,9 +104,6 @@ func NewRiverClient(pool *pgxpool.Pool, cfg *config.Config, deps *jobs.Deps) (*r
 		jobs.QueueDefault:       {MaxWorkers: 10},
 		jobs.QueueWebhooks:      {MaxWorkers: 10},
 		jobs.QueueNotifications: {MaxWorkers: 5},
-	}
-	if len(jobs.Kinds()) == 0 {
-		queues = nil // TODO(foundation): no job kinds yet; an insert-only client until the charge job lands
 	}
 	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{
 		Logger:       deps.Logger,
@@ -116,9 +141,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 // Serve is Run on a listener the caller opened (tests listen on port 0).
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	// Jobs must not be cancelled by the signal itself: River's stop is driven below.
-	if len(jobs.Kinds()) == 0 {
-		// TODO(foundation): nothing to work until the first job kind lands.
-	} else if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
+	if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
 		ln.Close()
 		return fmt.Errorf("start river: %w", err)
 	}
@@ -153,13 +176,6 @@ func (d *Daemon) stop() error {
 	}()
 
 	var riverErr error
-	if len(jobs.Kinds()) == 0 {
-		if err := <-done; err != nil {
-			return fmt.Errorf("drain http: %w", err)
-		}
-		d.logger.Info("billingd stopped")
-		return nil
-	}
 	softCtx, cancel := context.WithTimeout(context.Background(), d.cfg.SoftStopTimeout)
 	defer cancel()
 	if err := d.river.Stop(softCtx); err != nil {

@@ -18,7 +18,7 @@ alter table billing.installment_plans
     -- cheap expression.
     add column first_month   date,
     add column due_time      time,
-    add constraint installment_plans_canceled_check check ((status = 'canceled') = (canceled_at is not null)),
+    add constraint installment_plans_canceled_check check (canceled_at is null or status = 'canceled'),
     add constraint installment_plans_invalid_check check (status <> 'invalid' or status_reason is not null);
 
 -- A request_key names one plan or rule. Partial: rows without one (most) cost no index entry
@@ -39,7 +39,7 @@ alter table billing.topup_rules
     add column status_reason text,
     add column canceled_at   timestamptz,
     add column request_key   text check (request_key is null or btrim(request_key) <> ''),
-    add constraint topup_rules_canceled_check check ((status = 'canceled') = (canceled_at is not null)),
+    add constraint topup_rules_canceled_check check (canceled_at is null or status = 'canceled'),
     add constraint topup_rules_invalid_check check (status <> 'invalid' or status_reason is not null),
     add constraint topup_rules_scheduled_due_check check (kind <> 'scheduled' or (status = 'active') <= (next_due_at is not null));
 
@@ -388,8 +388,8 @@ $$;
 -- +goose StatementEnd
 
 -- +goose StatementBegin
--- Cancels a plan: no further installment is charged. Charges already created are not touched
--- (cancel those with billing.cancel_charge). Returns true when this call canceled the plan and
+-- Cancels a plan: no further installment is charged, and the charge job cancels, instead of
+-- sending, a charge of the plan that it has not sent yet. Returns true when this call canceled the plan and
 -- false when it was already canceled. Errors: P0002 unknown plan, 55000
 -- (object_not_in_prerequisite_state) for a completed plan, 22023 for a missing reason.
 create function billing.cancel_installment_plan(plan_id bigint, reason text) returns boolean
@@ -569,7 +569,8 @@ $$;
 -- +goose StatementEnd
 
 -- +goose StatementBegin
--- Cancels a top-up rule: it fires no more. Open top-ups are not touched. Returns true when this
+-- Cancels a top-up rule: it fires no more, and the charge job cancels, instead of sending, a
+-- top-up of the rule that it has not sent yet. Returns true when this
 -- call canceled the rule, false when it was already canceled. Errors: P0002 unknown rule, 22023
 -- missing reason.
 create function billing.cancel_topup_rule(rule_id bigint, reason text) returns boolean

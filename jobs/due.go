@@ -480,7 +480,6 @@ charged as (
            d.description || ' (installment ' || d.next_installment || ' of ' || d.installment_count || ')',
            d.next_due_at
       from due d
-     order by d.next_due_at, d.id
         on conflict (source, source_id, period) do nothing
     returning id, source_id
 ),
@@ -596,7 +595,6 @@ charged as (
     insert into billing.charges (customer_id, source, source_id, period, amount, currency, description, due_at)
     select d.customer_id, 'topup', d.id, (d.fired_count + 1)::text, d.fixed_amount, d.currency, d.description, d.next_due_at
       from due d
-     order by d.next_due_at, d.id
         on conflict (source, source_id, period) do nothing
     returning id, source_id
 ),
@@ -711,7 +709,6 @@ charged as (
     insert into billing.charges (customer_id, source, source_id, period, amount, currency, description, due_at)
     select d.customer_id, 'topup', d.id, (d.fired_count + 1)::text, d.amount, d.currency, d.description, $1
       from due d
-     order by d.id
         on conflict (source, source_id, period) do nothing
     returning id
 ),

@@ -1,6 +1,7 @@
 package jobs_test
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -95,6 +97,85 @@ func maxRSS() int64 {
 
 const mib = 1 << 20
 
+// processCPU returns the CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// clusterCPU returns the CPU time used so far by the PostgreSQL server that pool talks to, when
+// it runs on this machine: its postmaster and every process it started (those still running,
+// and those it has reaped). It is meaningful on a server of the benchmark's own (dbtest starts
+// one when TEST_DATABASE_URL is unset); a shared server's figure includes everyone's work.
+func clusterCPU(ctx context.Context, pool *pgxpool.Pool) (time.Duration, bool) {
+	var backend int
+	if err := pool.QueryRow(ctx, "select pg_backend_pid()").Scan(&backend); err != nil {
+		return 0, false
+	}
+	stat := func(pid int) (ppid int, ticks [4]int64, ok bool) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return 0, ticks, false
+		}
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+2:])) // fields from 3 (state) on
+		if len(f) < 15 {
+			return 0, ticks, false
+		}
+		ppid, _ = strconv.Atoi(f[1])
+		for i := range ticks {
+			ticks[i], _ = strconv.ParseInt(f[11+i], 10, 64) // utime, stime, cutime, cstime
+		}
+		return ppid, ticks, true
+	}
+	postmaster, _, ok := stat(backend)
+	if !ok {
+		return 0, false
+	}
+	_, pm, ok := stat(postmaster)
+	if !ok {
+		return 0, false
+	}
+	total := pm[0] + pm[1] + pm[2] + pm[3]
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ppid, t, ok := stat(pid); ok && ppid == postmaster {
+			total += t[0] + t[1]
+		}
+	}
+	const ticksPerSecond = 100 // USER_HZ on Linux
+	return time.Duration(total) * time.Second / ticksPerSecond, true
+}
+
+// cpuMeter measures the CPU used by this process and by the database server between start and
+// stop.
+type cpuMeter struct {
+	ctx       context.Context
+	pool      *pgxpool.Pool
+	proc, db  time.Duration
+	dbVisible bool
+}
+
+func startCPU(ctx context.Context, pool *pgxpool.Pool) *cpuMeter {
+	m := &cpuMeter{ctx: ctx, pool: pool, proc: processCPU()}
+	m.db, m.dbVisible = clusterCPU(ctx, pool)
+	return m
+}
+
+func (m *cpuMeter) stop() (proc, db time.Duration) {
+	proc = processCPU() - m.proc
+	if d, ok := clusterCPU(m.ctx, m.pool); ok && m.dbVisible {
+		db = d - m.db
+	}
+	return proc, db
+}
+
 func benchmarkDueOnce(b *testing.B, n int) {
 	b.StopTimer()
 	ctx := context.Background()
@@ -144,6 +225,7 @@ func benchmarkDueOnce(b *testing.B, n int) {
 	type baselineRun struct {
 		insertSelect, insertJobs, total time.Duration
 		heap                            uint64
+		goCPU, dbCPU                    time.Duration
 	}
 	baseline := func() baselineRun {
 		exec(`create table bench_charges (like billing.charges including all)`)
@@ -154,6 +236,7 @@ func benchmarkDueOnce(b *testing.B, n int) {
 		exec(`checkpoint`)
 		var r baselineRun
 		stopHeap := heapPeak()
+		cpu := startCPU(ctx, pool)
 		t0 := time.Now()
 		exec(`insert into bench_charges (customer_id, source, source_id, period, amount, currency, description, due_at)
 			select customer_id, 'installment', id, next_installment::text, total_amount / installment_count, currency,
@@ -172,6 +255,7 @@ func benchmarkDueOnce(b *testing.B, n int) {
 		}
 		r.insertJobs = time.Since(t1)
 		r.total = time.Since(t0)
+		r.goCPU, r.dbCPU = cpu.stop()
 		r.heap = stopHeap()
 		exec(`drop table bench_charges`)
 		exec(`truncate river_job`)
@@ -187,11 +271,13 @@ func benchmarkDueOnce(b *testing.B, n int) {
 	}
 	due := &jobs.Due{Pool: pool, Client: client, Logger: logger, BatchSize: *benchBatch, Workers: *benchWorkers}
 	stopHeap := heapPeak()
+	cpu := startCPU(ctx, pool)
 	b.StartTimer()
 	t2 := time.Now()
 	res, err := due.Run(ctx, time.Now())
 	elapsed := time.Since(t2)
 	b.StopTimer()
+	dueGoCPU, dueDBCPU := cpu.stop()
 	dueHeap := stopHeap()
 	require.NoError(b, err)
 	require.Equal(b, n, res.Installments)
@@ -205,14 +291,25 @@ func benchmarkDueOnce(b *testing.B, n int) {
 	b.ReportMetric(float64(n)/elapsed.Seconds(), "charges/s")
 	b.ReportMetric(elapsed.Seconds()/mean.Seconds(), "x_baseline")
 	line := func(name string, r baselineRun) string {
-		return fmt.Sprintf("  baseline %-6s INSERT ... SELECT %8.2fs + InsertManyFast %8.2fs = %8.2fs  %8.0f rows/s  peak heap %6.1f MiB\n",
-			name, r.insertSelect.Seconds(), r.insertJobs.Seconds(), r.total.Seconds(), float64(n)/r.total.Seconds(), float64(r.heap)/mib)
+		return fmt.Sprintf("  baseline %-6s INSERT ... SELECT %7.2fs + InsertManyFast %7.2fs = %7.2fs  %7.0f rows/s  cpu go %6.2fs db %6.2fs  peak heap %5.1f MiB\n",
+			name, r.insertSelect.Seconds(), r.insertJobs.Seconds(), r.total.Seconds(), float64(n)/r.total.Seconds(),
+			r.goCPU.Seconds(), r.dbCPU.Seconds(), float64(r.heap)/mib)
 	}
-	fmt.Fprintf(os.Stderr, "\ndue computation, %d %s plans all due (batch %d, %d workers, GOMAXPROCS %d)\n",
-		n, *benchKind, *benchBatch, max(*benchWorkers, 1), runtime.GOMAXPROCS(0))
+	fmt.Fprintf(os.Stderr, "\ndue computation, %d %s plans all due (batch %d, %d workers, GOMAXPROCS %d, NumCPU %d)\n",
+		n, *benchKind, *benchBatch, max(*benchWorkers, 1), runtime.GOMAXPROCS(0), runtime.NumCPU())
 	fmt.Fprint(os.Stderr, line("before", before))
-	fmt.Fprintf(os.Stderr, "  due computation: charges + jobs + plans advanced         = %8.2fs  %8.0f rows/s  peak heap %6.1f MiB  (%d batches)\n",
-		elapsed.Seconds(), float64(n)/elapsed.Seconds(), float64(dueHeap)/mib, res.Batches)
+	fmt.Fprintf(os.Stderr, "  due computation: charges + jobs + plans advanced        = %7.2fs  %7.0f rows/s  cpu go %6.2fs db %6.2fs  peak heap %5.1f MiB  (%d batches)\n",
+		elapsed.Seconds(), float64(n)/elapsed.Seconds(), dueGoCPU.Seconds(), dueDBCPU.Seconds(), float64(dueHeap)/mib, res.Batches)
 	fmt.Fprint(os.Stderr, line("after", after))
-	fmt.Fprintf(os.Stderr, "  due / mean baseline: %.2fx   process peak RSS %.1f MiB\n", elapsed.Seconds()/mean.Seconds(), float64(maxRSS())/mib)
+	meanCPU := (before.goCPU + before.dbCPU + after.goCPU + after.dbCPU) / 2
+	fmt.Fprintf(os.Stderr, "  due / mean baseline: time %.2fx, cpu %.2fx   process peak RSS %.1f MiB   load average %s\n",
+		elapsed.Seconds()/mean.Seconds(), (dueGoCPU+dueDBCPU).Seconds()/meanCPU.Seconds(), float64(maxRSS())/mib, loadAverage())
+}
+
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	return strings.Join(strings.Fields(string(b))[:3], " ")
 }

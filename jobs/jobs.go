@@ -31,12 +31,17 @@ type Deps struct {
 }
 
 // Kinds lists the job kinds that Register adds.
-func Kinds() []string { return nil }
+func Kinds() []string {
+	return []string{
+		IngestEventArgs{}.Kind(),
+		StartSetupArgs{}.Kind(),
+	}
+}
 
 // Register adds every job kind's worker to workers.
 func Register(workers *river.Workers, d *Deps) error {
-	_ = d
-	_ = workers
+	river.AddWorker(workers, &IngestEventWorker{deps: d})
+	river.AddWorker(workers, &StartSetupWorker{deps: d})
 	return nil
 }
 

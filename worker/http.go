@@ -17,6 +17,8 @@ func (d *Daemon) routes() (http.Handler, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", d.healthz)
 	mux.HandleFunc("GET /readyz", d.readyz)
+	mux.Handle("POST /webhooks/stripe", d.hooks)
+	mux.HandleFunc("GET /setup/{result}", setupReturn)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}))
 	if d.cfg.RiverUIUser != "" {
 		ui, err := riverui.NewHandler(&riverui.HandlerOpts{
@@ -69,4 +71,18 @@ func (d *Daemon) readyz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	_, _ = w.Write([]byte("ready\n"))
+}
+
+// setupReturn is where the hosted setup page sends the customer back when the application set no
+// BILLING_SETUP_SUCCESS_URL / BILLING_SETUP_CANCEL_URL (useful with `billingd setup`).
+func setupReturn(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	switch r.PathValue("result") {
+	case "done":
+		_, _ = w.Write([]byte("Thank you: your payment method is being saved. You can close this page.\n"))
+	case "canceled":
+		_, _ = w.Write([]byte("No payment method was saved. You can close this page.\n"))
+	default:
+		http.NotFound(w, r)
+	}
 }

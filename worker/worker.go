@@ -20,6 +20,7 @@ import (
 	"riverqueue.com/riverui"
 
 	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/internal/stripeapi"
 	"github.com/billingd/billingd/jobs"
 )
 
@@ -30,6 +31,7 @@ type Daemon struct {
 	logger *slog.Logger
 	pool   *pgxpool.Pool
 	river  *river.Client[pgx.Tx]
+	hooks  *Webhooks
 	http   *http.Server
 	ready  atomic.Bool
 
@@ -38,12 +40,14 @@ type Daemon struct {
 
 // New builds a daemon on an open pool. It does not start anything.
 func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, error) {
-	deps := &jobs.Deps{Pool: pool, Logger: logger, Config: cfg}
+	stripeClient := stripeapi.NewClient(cfg.StripeSecretKey, cfg.StripeAPIBase, nil, int64(cfg.StripeMaxRetries))
+	deps := &jobs.Deps{Pool: pool, Stripe: stripeClient, Logger: logger, Config: cfg}
 	client, err := NewRiverClient(pool, cfg, deps)
 	if err != nil {
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, logger: logger, pool: pool, river: client}
+	d.hooks = NewWebhooks(pool, client, cfg.StripeWebhookSecret, logger)
 	handler, err := d.routes()
 	if err != nil {
 		return nil, err
@@ -76,9 +80,6 @@ func NewRiverClient(pool *pgxpool.Pool, cfg *config.Config, deps *jobs.Deps) (*r
 		jobs.QueueDefault:       {MaxWorkers: 10},
 		jobs.QueueWebhooks:      {MaxWorkers: 10},
 		jobs.QueueNotifications: {MaxWorkers: 5},
-	}
-	if len(jobs.Kinds()) == 0 {
-		queues = nil // TODO(foundation): no job kinds yet; an insert-only client until the charge job lands
 	}
 	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{
 		Logger:       deps.Logger,
@@ -116,9 +117,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 // Serve is Run on a listener the caller opened (tests listen on port 0).
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	// Jobs must not be cancelled by the signal itself: River's stop is driven below.
-	if len(jobs.Kinds()) == 0 {
-		// TODO(foundation): nothing to work until the first job kind lands.
-	} else if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
+	if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
 		ln.Close()
 		return fmt.Errorf("start river: %w", err)
 	}
@@ -153,13 +152,6 @@ func (d *Daemon) stop() error {
 	}()
 
 	var riverErr error
-	if len(jobs.Kinds()) == 0 {
-		if err := <-done; err != nil {
-			return fmt.Errorf("drain http: %w", err)
-		}
-		d.logger.Info("billingd stopped")
-		return nil
-	}
 	softCtx, cancel := context.WithTimeout(context.Background(), d.cfg.SoftStopTimeout)
 	defer cancel()
 	if err := d.river.Stop(softCtx); err != nil {

@@ -5,6 +5,7 @@
 //	billingd run          the daemon (several replicas may share one database)
 //	billingd migrate      River's and billing's migrations, idempotent
 //	billingd status       what is due, in flight, failed and recovering
+//	billingd setup        start saving a payment method; prints the hosted page URL
 //	billingd healthcheck  exit 0 when the local daemon answers /healthz (for a shell-less container)
 //	billingd version      print the version
 //

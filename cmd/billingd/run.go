@@ -38,6 +38,7 @@ Commands:
   run          run the daemon: jobs, webhooks, recovery links, health and metrics
   migrate      apply River's and billing's migrations (idempotent, safe from several replicas)
   status       what is due, in flight, failed and recovering, at a glance
+  setup        start saving a customer's payment method; prints the Stripe-hosted page's URL
   healthcheck  exit 0 when the daemon at BILLING_HTTP_ADDR answers /healthz
   version      print the version
 
@@ -60,6 +61,8 @@ func run(ctx context.Context, args []string, env config.Env, stdout, stderr io.W
 		return cmdMigrate(ctx, rest, env, stdout, stderr)
 	case "status":
 		return cmdStatus(ctx, rest, env, stdout, stderr)
+	case "setup":
+		return cmdSetup(ctx, rest, env, stdout, stderr)
 	case "healthcheck":
 		return cmdHealthcheck(ctx, rest, env, stderr)
 	case "version", "-version", "--version":

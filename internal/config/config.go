@@ -45,6 +45,11 @@ type Config struct {
 	SetupSuccessURL    string
 	SetupCancelURL     string
 
+	// StripeCustomerModel is how customers exist at Stripe: "customer" (Customers v1, the
+	// default) or "account" (Accounts v2 customer-configured Accounts, sent as customer_account
+	// with AddExtra since stripe-go v82 has no field for it).
+	StripeCustomerModel string
+
 	SMTPURL        string
 	EmailFrom      string
 	NotifyURL      string
@@ -99,6 +104,7 @@ func NewFlagSet(cmd string, cfg *Config, env Env) *flag.FlagSet {
 	str(&cfg.RecoveryCancelURL, "recovery-cancel-url", "BILLING_RECOVERY_CANCEL_URL", "", "where Checkout sends a customer who left a recovery session (default: <public-url>/recover/canceled)")
 	str(&cfg.SetupSuccessURL, "setup-success-url", "BILLING_SETUP_SUCCESS_URL", "", "where Checkout sends a customer who saved a card (default: <public-url>/setup/done)")
 	str(&cfg.SetupCancelURL, "setup-cancel-url", "BILLING_SETUP_CANCEL_URL", "", "where Checkout sends a customer who left the setup page (default: <public-url>/setup/canceled)")
+	str(&cfg.StripeCustomerModel, "stripe-customer-model", "BILLING_STRIPE_CUSTOMER_MODEL", "customer", "customer (Stripe Customers v1) or account (Accounts v2 customer_account, preview; see the README)")
 	secretVar(&cfg.SMTPURL, "smtp-url", "BILLING_SMTP_URL", "SMTP server for customer email, as a `URL` smtp://user:pass@host:port (empty: no email)")
 	str(&cfg.EmailFrom, "email-from", "BILLING_EMAIL_FROM", "billing@localhost", "From address of customer email")
 	str(&cfg.NotifyURL, "notify-url", "BILLING_NOTIFY_URL", "", "URL of the host application that receives signed notification POSTs (empty: none)")
@@ -222,6 +228,9 @@ func (c *Config) Validate(need Need) error {
 		}
 		if c.StripeMaxRetries < 0 {
 			errs = append(errs, errors.New("BILLING_STRIPE_MAX_NETWORK_RETRIES must not be negative"))
+		}
+		if c.StripeCustomerModel != "customer" && c.StripeCustomerModel != "account" {
+			errs = append(errs, fmt.Errorf("BILLING_STRIPE_CUSTOMER_MODEL=%q must be customer or account", c.StripeCustomerModel))
 		}
 	}
 	if need&NeedHTTP != 0 {

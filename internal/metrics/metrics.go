@@ -44,7 +44,9 @@ var (
 		Help: "Charges created by the due computation, by source.",
 	}, []string{"source"})
 
-	// WebhookEvents counts Stripe events received, by result: stored, duplicate, rejected.
+	// WebhookEvents counts Stripe events, by result. Deliveries: stored, duplicate, rejected (4xx),
+	// error (5xx), api_version_mismatch (stored, but of another API version family). Ingestion:
+	// processed, ignored, unknown_object (about an object billingd does not know: look), failed.
 	WebhookEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "billingd", Name: "webhook_events_total",
 		Help: "Stripe webhook deliveries by result.",

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"riverqueue.com/riverui"
 
@@ -19,7 +20,11 @@ func (d *Daemon) routes() (http.Handler, error) {
 	mux.HandleFunc("GET /readyz", d.readyz)
 	mux.Handle("POST /webhooks/stripe", d.hooks)
 	mux.HandleFunc("GET /setup/{result}", setupReturn)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{}))
+	// The process's counters plus this daemon's database gauges (a registry of its own, so that
+	// several daemons in one process, as in tests and the demo, do not collide).
+	local := prometheus.NewRegistry()
+	local.MustRegister(newDBCollector(d.pool, d.logger))
+	mux.Handle("GET /metrics", promhttp.HandlerFor(prometheus.Gatherers{metrics.Registry, local}, promhttp.HandlerOpts{}))
 	if d.cfg.RiverUIUser != "" {
 		ui, err := riverui.NewHandler(&riverui.HandlerOpts{
 			Endpoints: riverui.NewEndpoints(d.river, nil),

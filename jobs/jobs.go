@@ -5,6 +5,7 @@ package jobs
 
 import (
 	"log/slog"
+	"slices"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
@@ -32,16 +33,20 @@ type Deps struct {
 
 // Kinds lists the job kinds that Register adds.
 func Kinds() []string {
-	return []string{
+	return slices.Concat(chargeKinds(), []string{
 		IngestEventArgs{}.Kind(),
 		StartSetupArgs{}.Kind(),
-	}
+	})
 }
 
 // Register adds every job kind's worker to workers.
 func Register(workers *river.Workers, d *Deps) error {
+	if err := registerCharge(workers, d); err != nil {
+		return err
+	}
 	river.AddWorker(workers, &IngestEventWorker{deps: d})
 	river.AddWorker(workers, &StartSetupWorker{deps: d})
+	registerPendingKinds(workers)
 	return nil
 }
 
@@ -49,6 +54,11 @@ func Register(workers *river.Workers, d *Deps) error {
 // only; each is a trigger, and what it acts on lives in the database, so a restart or a new
 // leader misses nothing and repeats nothing.
 func PeriodicJobs(d *Deps) ([]*river.PeriodicJob, error) {
-	_ = d
-	return nil, nil
+	var all []*river.PeriodicJob
+	charge, err := chargePeriodicJobs(d)
+	if err != nil {
+		return nil, err
+	}
+	all = append(all, charge...)
+	return all, nil
 }

@@ -3,10 +3,14 @@ package jobs
 import (
 	"context"
 	"errors"
+	"fmt"
+	"strconv"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/riverqueue/river"
 	"github.com/stripe/stripe-go/v82"
+
+	"github.com/billingd/billingd/internal/stripeapi"
 )
 
 // errNotYet marks contract functions whose implementation lands with its issue.
@@ -18,9 +22,52 @@ var errNotYet = errors.New("not implemented yet")
 // settling an already-settled attempt changes nothing. It returns false when the PaymentIntent
 // names no charge that billingd knows.
 //
+// The attempt is found by the PaymentIntent's id, else by the attempt number in its metadata
+// (charge_attempt). A PaymentIntent that names a known charge but none of its off-session
+// attempts (a recovery Checkout payment, for one) is not billingd's to settle here: known is
+// false. Settling locks the charge; the outcome follows the same rules as the charge job's
+// (a decline schedules a retry or recovery, per the decline policy). client inserts the jobs
+// that follow; nil takes the client from ctx (inside a River job).
+//
 // Contract shared by the charge issue (which implements it), webhooks and reconcile.
 func SettlePaymentIntentTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], pi *stripe.PaymentIntent) (known bool, err error) {
-	return false, errNotYet
+	label, known, err := currentCharging().settlePaymentIntentTx(ctx, tx, client, pi, "webhook")
+	if err == nil {
+		countOutcome(label)
+	}
+	return known, err
+}
+
+// settlePaymentIntentTx is SettlePaymentIntentTx for a given settler (webhook, reconcile).
+func (s *charging) settlePaymentIntentTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], pi *stripe.PaymentIntent, settledBy string) (string, bool, error) {
+	if pi == nil || pi.ID == "" {
+		return "", false, errors.New("settle payment intent: no PaymentIntent")
+	}
+	chargeID, err1 := strconv.ParseInt(pi.Metadata[stripeapi.MetadataChargeID], 10, 64)
+	attemptNo, err2 := strconv.Atoi(pi.Metadata[MetadataAttempt])
+	if err1 != nil || err2 != nil {
+		return "", false, nil
+	}
+	c, err := lockCharge(ctx, tx, chargeID)
+	if err != nil || c == nil {
+		return "", false, err
+	}
+	a, err := scanAttempt(tx.QueryRow(ctx, attemptForPIQuery, chargeID, pi.ID, attemptNo))
+	if err != nil {
+		return "", false, fmt.Errorf("attempt of payment intent %s: %w", pi.ID, err)
+	}
+	if a == nil {
+		s.logger.Warn("payment intent names no attempt of its charge", "charge_id", chargeID,
+			"payment_intent_id", pi.ID, "attempt_no", attemptNo)
+		return "", false, nil
+	}
+	ans := fromPaymentIntent(answer{}, pi)
+	note := "settled from PaymentIntent " + pi.ID + " (" + string(pi.Status) + ")"
+	label, err := s.settleTx(ctx, tx, client, c, a, settleInput{answer: ans, settledBy: settledBy, note: note})
+	if err != nil {
+		return "", true, err
+	}
+	return label, true, nil
 }
 
 // RecoveryPaidTx records that the customer paid a recovery Checkout Session (mode=payment,

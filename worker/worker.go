@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
+	"github.com/stripe/stripe-go/v82"
 	"riverqueue.com/riverui"
 
 	"github.com/billingd/billingd/internal/config"
@@ -40,8 +41,11 @@ type Daemon struct {
 
 // New builds a daemon on an open pool. It does not start anything.
 func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, error) {
-	stripeClient := stripeapi.NewClient(cfg.StripeSecretKey, cfg.StripeAPIBase, nil, int64(cfg.StripeMaxRetries))
-	deps := &jobs.Deps{Pool: pool, Stripe: stripeClient, Logger: logger, Config: cfg}
+	sc, err := NewStripeClient(pool, cfg)
+	if err != nil {
+		return nil, err
+	}
+	deps := &jobs.Deps{Pool: pool, Stripe: sc, Logger: logger, Config: cfg}
 	client, err := NewRiverClient(pool, cfg, deps)
 	if err != nil {
 		return nil, err
@@ -62,6 +66,26 @@ func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, 
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
 	return d, nil
+}
+
+// StripeRateLimitName names the row of billing.rate_limits that paces every replica's calls to
+// Stripe together.
+const StripeRateLimitName = "stripe"
+
+// NewStripeClient returns the Stripe client of the daemon: STRIPE_API_BASE and the secret key
+// from cfg, stripe-go's own network retries (BILLING_STRIPE_MAX_NETWORK_RETRIES, same
+// idempotency key), and every request, retries included, paced by the rate limit shared by all
+// replicas (BILLING_STRIPE_RPS).
+func NewStripeClient(pool *pgxpool.Pool, cfg *config.Config) (*stripe.Client, error) {
+	limiter, err := stripeapi.NewLimiter(pool, StripeRateLimitName, cfg.StripeRPS)
+	if err != nil {
+		return nil, err
+	}
+	httpClient := &http.Client{
+		Transport: stripeapi.RateLimitedTransport(nil, limiter),
+		Timeout:   60 * time.Second,
+	}
+	return stripeapi.NewClient(cfg.StripeSecretKey, cfg.StripeAPIBase, httpClient, int64(cfg.StripeMaxRetries)), nil
 }
 
 // NewRiverClient returns the River client with billingd's queues, workers and periodic jobs.

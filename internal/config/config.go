@@ -40,6 +40,18 @@ type Config struct {
 	StripeRPS        float64
 	StripeMaxRetries int
 
+	// Charging (jobs/charge.go, jobs/decline.go, jobs/reconcile.go).
+	ChargeBackoff      time.Duration
+	ChargeMaxTries     int
+	ReconcileAfter     time.Duration
+	DeclineMaxRetries  int
+	DeclineCardLimit   int
+	RetryCalendar      string
+	RetryQuickCalendar string
+	DeclineNeverRetry  string
+	DeclineRetryLater  string
+	DeclineRetrySoon   string
+
 	RecoverySuccessURL string
 	RecoveryCancelURL  string
 	SetupSuccessURL    string
@@ -100,6 +112,16 @@ func NewFlagSet(cmd string, cfg *Config, env Env) *flag.FlagSet {
 	intVar(cfg, fs, &cfg.DueBatchSize, "due-batch-size", "BILLING_DUE_BATCH_SIZE", 5000, "due rows locked and charged per transaction", env)
 	floatVar(cfg, fs, &cfg.StripeRPS, "stripe-rps", "BILLING_STRIPE_RPS", 20, "requests per second to Stripe across all replicas together (Stripe allows 100 live, 25 test)", env)
 	intVar(cfg, fs, &cfg.StripeMaxRetries, "stripe-max-network-retries", "BILLING_STRIPE_MAX_NETWORK_RETRIES", 2, "stripe-go's own retries of a dropped connection (same idempotency key)", env)
+	durVar(cfg, fs, &cfg.ChargeBackoff, "charge-backoff", "BILLING_CHARGE_BACKOFF", time.Second, "first wait before a charge call that failed transiently is retried with the same idempotency key (doubles up to 5m)", env)
+	intVar(cfg, fs, &cfg.ChargeMaxTries, "charge-max-tries", "BILLING_CHARGE_MAX_TRIES", 10, "calls made with one idempotency key before its outcome is left to the reconcile job", env)
+	durVar(cfg, fs, &cfg.ReconcileAfter, "reconcile-after", "BILLING_RECONCILE_AFTER", 2*time.Minute, "age of an in-flight charge attempt (or a stalled pending charge) before the reconcile job settles it from Stripe", env)
+	intVar(cfg, fs, &cfg.DeclineMaxRetries, "decline-max-retries", "BILLING_DECLINE_MAX_RETRIES", 8, "automatic retries of a soft-declined charge, 0-8 (Stripe advises at most 8)", env)
+	intVar(cfg, fs, &cfg.DeclineCardLimit, "decline-card-limit", "BILLING_DECLINE_CARD_LIMIT", 15, "declines of one card in 30 days after which it is not retried automatically, 1-15 (card networks)", env)
+	str(&cfg.RetryCalendar, "retry-calendar", "BILLING_RETRY_CALENDAR", "24h,48h,48h,72h,72h,72h,96h,96h", "waits before the 1st, 2nd, ... automatic retry of a soft decline (the last repeats)")
+	str(&cfg.RetryQuickCalendar, "retry-quick-calendar", "BILLING_RETRY_QUICK_CALENDAR", "1h,6h,24h,48h,72h,72h,96h,96h", "the same for momentary declines (processing_error, try_again_later, ...)")
+	str(&cfg.DeclineNeverRetry, "decline-never-retry", "BILLING_DECLINE_NEVER_RETRY", "", "extra decline codes never retried automatically, comma-separated")
+	str(&cfg.DeclineRetryLater, "decline-retry-later", "BILLING_DECLINE_RETRY_LATER", "", "extra decline codes retried on the retry calendar, comma-separated")
+	str(&cfg.DeclineRetrySoon, "decline-retry-soon", "BILLING_DECLINE_RETRY_SOON", "", "extra decline codes retried on the quick calendar, comma-separated")
 	str(&cfg.RecoverySuccessURL, "recovery-success-url", "BILLING_RECOVERY_SUCCESS_URL", "", "where Checkout sends a customer who paid a recovery session (default: <public-url>/recover/done)")
 	str(&cfg.RecoveryCancelURL, "recovery-cancel-url", "BILLING_RECOVERY_CANCEL_URL", "", "where Checkout sends a customer who left a recovery session (default: <public-url>/recover/canceled)")
 	str(&cfg.SetupSuccessURL, "setup-success-url", "BILLING_SETUP_SUCCESS_URL", "", "where Checkout sends a customer who saved a card (default: <public-url>/setup/done)")
@@ -278,6 +300,26 @@ func (c *Config) Validate(need Need) error {
 	if c.AdhocCeiling < 1 {
 		errs = append(errs, errors.New("BILLING_ADHOC_CEILING must be positive"))
 	}
+	if c.ChargeBackoff < time.Millisecond {
+		errs = append(errs, errors.New("BILLING_CHARGE_BACKOFF must be at least 1ms"))
+	}
+	if c.ChargeMaxTries < 1 {
+		errs = append(errs, errors.New("BILLING_CHARGE_MAX_TRIES must be at least 1"))
+	}
+	if c.ReconcileAfter < time.Second {
+		errs = append(errs, errors.New("BILLING_RECONCILE_AFTER must be at least 1s"))
+	}
+	if c.DeclineMaxRetries < 0 || c.DeclineMaxRetries > 8 {
+		errs = append(errs, fmt.Errorf("BILLING_DECLINE_MAX_RETRIES=%d must be between 0 and 8", c.DeclineMaxRetries))
+	}
+	if c.DeclineCardLimit < 1 || c.DeclineCardLimit > 15 {
+		errs = append(errs, fmt.Errorf("BILLING_DECLINE_CARD_LIMIT=%d must be between 1 and 15", c.DeclineCardLimit))
+	}
+	for name, v := range map[string]string{"BILLING_RETRY_CALENDAR": c.RetryCalendar, "BILLING_RETRY_QUICK_CALENDAR": c.RetryQuickCalendar} {
+		if _, err := ParseDurations(v); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+		}
+	}
 	if c.RecoveryWindow <= 0 {
 		errs = append(errs, errors.New("BILLING_RECOVERY_WINDOW must be positive"))
 	}
@@ -318,6 +360,35 @@ func checkHTTPURL(name, s string) error {
 		return fmt.Errorf("%s=%q must be an http(s) URL", name, s)
 	}
 	return nil
+}
+
+// ParseDurations parses a comma-separated list of durations (like "1h,24h,48h"), each at least
+// a minute.
+func ParseDurations(s string) ([]time.Duration, error) {
+	var out []time.Duration
+	for _, part := range strings.Split(s, ",") {
+		part = strings.TrimSpace(part)
+		d, err := time.ParseDuration(part)
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a duration (like 24h)", part)
+		}
+		if d < time.Minute {
+			return nil, fmt.Errorf("%s is under a minute", part)
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// SplitList splits a comma-separated list, dropping blanks.
+func SplitList(s string) []string {
+	var out []string
+	for _, part := range strings.Split(s, ",") {
+		if part = strings.TrimSpace(part); part != "" {
+			out = append(out, part)
+		}
+	}
+	return out
 }
 
 // OSEnv reads the process environment.

@@ -33,10 +33,11 @@ type Deps struct {
 
 // Kinds lists the job kinds that Register adds.
 func Kinds() []string {
-	return slices.Concat(chargeKinds(), []string{
-		IngestEventArgs{}.Kind(),
-		StartSetupArgs{}.Kind(),
-	})
+	return slices.Concat(
+		chargeKinds(),
+		[]string{IngestEventArgs{}.Kind(), StartSetupArgs{}.Kind()},
+		recoveryKinds(),
+	)
 }
 
 // Register adds every job kind's worker to workers.
@@ -46,7 +47,9 @@ func Register(workers *river.Workers, d *Deps) error {
 	}
 	river.AddWorker(workers, &IngestEventWorker{deps: d})
 	river.AddWorker(workers, &StartSetupWorker{deps: d})
-	registerPendingKinds(workers)
+	if err := registerRecovery(workers, d); err != nil {
+		return err
+	}
 	return nil
 }
 
@@ -60,5 +63,10 @@ func PeriodicJobs(d *Deps) ([]*river.PeriodicJob, error) {
 		return nil, err
 	}
 	all = append(all, charge...)
+	recovery, err := recoveryPeriodicJobs(d)
+	if err != nil {
+		return nil, err
+	}
+	all = append(all, recovery...)
 	return all, nil
 }

@@ -398,8 +398,12 @@ func (s *charging) settleTx(ctx context.Context, tx pgx.Tx, client *river.Client
 			}
 		default:
 			// Collected twice (the recovery page was paid while this attempt was in flight),
-			// or collected for a canceled charge: the recovery flow refunds the later payment.
-			log.Error("charge collected although no longer due", "charge_status", c.status, "payment_intent_id", in.pi.ID)
+			// or collected for a canceled charge: this later payment is refunded, in this
+			// transaction's refund job, and recorded in billing.refunds.
+			log.Error("charge collected although no longer due; refunding this payment", "charge_status", c.status, "payment_intent_id", in.pi.ID)
+			if _, err := RefundDuplicateTx(ctx, tx, client, c.id, in.pi.ID, in.pi.Amount, string(in.pi.Currency)); err != nil {
+				return "", err
+			}
 			return "double_collected", nil
 		}
 		if _, err := tx.Exec(ctx, closeRecoveryQuery, c.id); err != nil {

@@ -78,5 +78,5 @@ func (s *charging) settlePaymentIntentTx(ctx context.Context, tx pgx.Tx, client 
 //
 // Contract shared by the recovery issue (which implements it) and webhooks (which calls it).
 func RecoveryPaidTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], session *stripe.CheckoutSession) (known bool, err error) {
-	return false, errNotYet
+	return recoveryPaidTx(ctx, tx, client, session)
 }

@@ -18,6 +18,9 @@ func (d *Daemon) routes() (http.Handler, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", d.healthz)
 	mux.HandleFunc("GET /readyz", d.readyz)
+	mux.HandleFunc("GET /recover/{token}", d.recoverLink)
+	mux.HandleFunc("GET /recover/done", d.recoverDone)
+	mux.HandleFunc("GET /recover/canceled", d.recoverCanceled)
 	mux.Handle("POST /webhooks/stripe", d.hooks)
 	mux.HandleFunc("GET /setup/{result}", setupReturn)
 	// The process's counters plus this daemon's database gauges (a registry of its own, so that

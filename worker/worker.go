@@ -31,6 +31,7 @@ type Daemon struct {
 	cfg    *config.Config
 	logger *slog.Logger
 	pool   *pgxpool.Pool
+	deps   *jobs.Deps
 	river  *river.Client[pgx.Tx]
 	hooks  *Webhooks
 	http   *http.Server
@@ -50,7 +51,7 @@ func New(cfg *config.Config, pool *pgxpool.Pool, logger *slog.Logger) (*Daemon, 
 	if err != nil {
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, logger: logger, pool: pool, river: client}
+	d := &Daemon{cfg: cfg, logger: logger, pool: pool, deps: deps, river: client}
 	d.hooks = NewWebhooks(pool, client, cfg.StripeWebhookSecret, logger)
 	handler, err := d.routes()
 	if err != nil {

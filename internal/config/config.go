@@ -72,6 +72,10 @@ type Config struct {
 	EnableRiverUI  bool
 	RecoveryWindow time.Duration
 
+	RecoverySchedule            string
+	RecoveryReminderInterval    time.Duration
+	RecoveryPlanOnUncollectible string
+
 	// envErrs holds environment values that could not be parsed; Validate reports them.
 	envErrs []error
 }
@@ -127,7 +131,7 @@ func NewFlagSet(cmd string, cfg *Config, env Env) *flag.FlagSet {
 	str(&cfg.SetupSuccessURL, "setup-success-url", "BILLING_SETUP_SUCCESS_URL", "", "where Checkout sends a customer who saved a card (default: <public-url>/setup/done)")
 	str(&cfg.SetupCancelURL, "setup-cancel-url", "BILLING_SETUP_CANCEL_URL", "", "where Checkout sends a customer who left the setup page (default: <public-url>/setup/canceled)")
 	str(&cfg.StripeCustomerModel, "stripe-customer-model", "BILLING_STRIPE_CUSTOMER_MODEL", "customer", "customer (Stripe Customers v1) or account (Accounts v2 customer_account, preview; see the README)")
-	secretVar(&cfg.SMTPURL, "smtp-url", "BILLING_SMTP_URL", "SMTP server for customer email, as a `URL` smtp://user:pass@host:port (empty: no email)")
+	secretVar(&cfg.SMTPURL, "smtp-url", "BILLING_SMTP_URL", "SMTP server for customer email, as a `URL`: smtp://user:pass@host:587 (STARTTLS required; ?starttls=opportunistic or ?starttls=off to relax) or smtps://user:pass@host:465 (empty: no email)")
 	str(&cfg.EmailFrom, "email-from", "BILLING_EMAIL_FROM", "billing@localhost", "From address of customer email")
 	str(&cfg.NotifyURL, "notify-url", "BILLING_NOTIFY_URL", "", "URL of the host application that receives signed notification POSTs (empty: none)")
 	secretVar(&cfg.NotifySecret, "notify-secret", "BILLING_NOTIFY_SECRET", "HMAC-SHA256 `key` that signs notification POSTs (required with -notify-url)")
@@ -135,6 +139,9 @@ func NewFlagSet(cmd string, cfg *Config, env Env) *flag.FlagSet {
 	secretVar(&cfg.RiverUIPass, "riverui-password", "BILLING_RIVERUI_PASSWORD", "basic-auth `password` for /riverui/")
 	int64Var(cfg, fs, &cfg.AdhocCeiling, "adhoc-ceiling", "BILLING_ADHOC_CEILING", 1_000_000, "largest ad-hoc charge finance may enqueue, in minor units (stored in the database at start)", env)
 	durVar(cfg, fs, &cfg.RecoveryWindow, "recovery-window", "BILLING_RECOVERY_WINDOW", 14*24*time.Hour, "how long a failed charge may be paid through recovery before it is uncollectible", env)
+	str(&cfg.RecoverySchedule, "recovery-schedule", "BILLING_RECOVERY_SCHEDULE", "*/10 * * * *", "cron schedule of the recovery sweep that sends reminders and writes off charges past the recovery window")
+	durVar(cfg, fs, &cfg.RecoveryReminderInterval, "recovery-reminder-interval", "BILLING_RECOVERY_REMINDER_INTERVAL", 72*time.Hour, "time between reminders while a failed charge is unpaid (0: no reminders)", env)
+	str(&cfg.RecoveryPlanOnUncollectible, "recovery-plan-on-uncollectible", "BILLING_RECOVERY_PLAN_ON_UNCOLLECTIBLE", "pause", "when an installment becomes uncollectible: pause the rest of its plan, or continue charging it")
 	return fs
 }
 
@@ -277,8 +284,8 @@ func (c *Config) Validate(need Need) error {
 			errs = append(errs, errors.New("BILLING_NOTIFY_SECRET is required when BILLING_NOTIFY_URL is set"))
 		}
 		if c.SMTPURL != "" {
-			if u, err := url.Parse(c.SMTPURL); err != nil || (u.Scheme != "smtp" && u.Scheme != "smtps") || u.Host == "" {
-				errs = append(errs, errors.New("BILLING_SMTP_URL must look like smtp://user:password@host:port"))
+			if _, err := ParseSMTPURL(c.SMTPURL); err != nil {
+				errs = append(errs, err)
 			}
 		}
 		if (c.RiverUIUser == "") != (c.RiverUIPass == "") {
@@ -323,7 +330,15 @@ func (c *Config) Validate(need Need) error {
 	if c.RecoveryWindow <= 0 {
 		errs = append(errs, errors.New("BILLING_RECOVERY_WINDOW must be positive"))
 	}
-	for name, expr := range map[string]string{"BILLING_DUE_SCHEDULE": c.DueSchedule, "BILLING_RECONCILE_SCHEDULE": c.ReconcileSchedule} {
+	if c.RecoveryReminderInterval < 0 {
+		errs = append(errs, errors.New("BILLING_RECOVERY_REMINDER_INTERVAL must not be negative (0 turns reminders off)"))
+	}
+	switch c.RecoveryPlanOnUncollectible {
+	case "pause", "continue":
+	default:
+		errs = append(errs, fmt.Errorf("BILLING_RECOVERY_PLAN_ON_UNCOLLECTIBLE=%q must be pause or continue", c.RecoveryPlanOnUncollectible))
+	}
+	for name, expr := range map[string]string{"BILLING_DUE_SCHEDULE": c.DueSchedule, "BILLING_RECONCILE_SCHEDULE": c.ReconcileSchedule, "BILLING_RECOVERY_SCHEDULE": c.RecoverySchedule} {
 		if _, err := cron.ParseStandard(expr); err != nil {
 			errs = append(errs, fmt.Errorf("%s=%q is not a cron schedule: %v", name, expr, err))
 		}

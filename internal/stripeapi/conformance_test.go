@@ -121,6 +121,26 @@ func TestConformance(t *testing.T) {
 			if tc.fake != nil {
 				require.Equal(t, stripe.CheckoutSessionStatusExpired, expired.Status)
 			}
+
+			// A paid recovery session, read with its PaymentIntent and card.
+			paid, err := sc.V1CheckoutSessions.Create(ctx, stripeapi.RecoverySession(cus.ID, 1999, "eur",
+				"Installment 1 of 3", "https://app.example/paid", "https://app.example/cancel", md, "recovery-4242-2"))
+			require.NoError(t, err, "second recovery session")
+			if tc.fake != nil {
+				require.NoError(t, tc.fake.CompleteCheckoutSession(ctx, paid.ID, "pm_card_mastercard"))
+			}
+			got, err := sc.V1CheckoutSessions.Retrieve(ctx, paid.ID, stripeapi.SessionRetrieve())
+			require.NoError(t, err, "session retrieve")
+			require.NotNil(t, got.PaymentIntent)
+			piRead, err := sc.V1PaymentIntents.Retrieve(ctx, got.PaymentIntent.ID, stripeapi.PaymentIntentRetrieve())
+			require.NoError(t, err, "payment intent retrieve")
+			require.NotNil(t, piRead.PaymentMethod)
+			if tc.fake != nil {
+				require.NotNil(t, got.PaymentIntent.PaymentMethod, "payment_intent.payment_method is expanded")
+				require.Equal(t, "4444", got.PaymentIntent.PaymentMethod.Card.Last4)
+				require.NotNil(t, piRead.PaymentMethod.Card, "payment_method is expanded")
+				require.Equal(t, cus.ID, piRead.PaymentMethod.Customer.ID, "setup_future_usage attached the card")
+			}
 		})
 	}
 }

@@ -206,3 +206,22 @@ func Refund(paymentIntentID string, amount int64, metadata map[string]string, id
 	p.SetIdempotencyKey(idempotencyKey)
 	return p
 }
+
+// SessionRetrieve builds the read of a Checkout Session with its
+// PaymentIntent and that PaymentIntent's payment method expanded
+// (client.V1CheckoutSessions.Retrieve): a paid recovery session then carries
+// the card that paid, for recording it without another call.
+func SessionRetrieve() *stripe.CheckoutSessionRetrieveParams {
+	p := &stripe.CheckoutSessionRetrieveParams{}
+	p.AddExpand("payment_intent.payment_method")
+	return p
+}
+
+// PaymentIntentRetrieve builds the read of a PaymentIntent with its payment
+// method expanded (client.V1PaymentIntents.Retrieve), so card brand, last4,
+// expiry and the customer it is attached to come in the same answer.
+func PaymentIntentRetrieve() *stripe.PaymentIntentRetrieveParams {
+	p := &stripe.PaymentIntentRetrieveParams{}
+	p.AddExpand("payment_method")
+	return p
+}

@@ -21,6 +21,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/internal/money"
+	"github.com/billingd/billingd/jobs"
 	"github.com/billingd/billingd/stripefake"
 	"github.com/billingd/billingd/worker"
 )
@@ -87,11 +89,9 @@ select n.status, n.attempts, coalesce(n.last_error, '')
 from billing.notifications n where n.charge_id = $1 and n.kind = 'recovery' order by n.id limit 1`
 
 	demoSummary = `
-select ch.id, cu.customer_ref, ch.source, ch.amount, ch.currency, cur.exponent, ch.status,
-       coalesce(ch.payment_intent_id, '')
+select ch.id, cu.customer_ref, ch.source, ch.amount, ch.currency, ch.status, coalesce(ch.payment_intent_id, '')
 from billing.charges ch
 join billing.customers cu on cu.id = ch.customer_id
-join billing.currencies cur on cur.code = ch.currency
 order by ch.id`
 )
 
@@ -235,12 +235,14 @@ func startDemoServices(ctx context.Context, pool *pgxpool.Pool, logger *slog.Log
 	return s, nil
 }
 
-// demoApp stands in for the host application: it receives billingd's signed notification POSTs.
+// demoApp stands in for the host application: it receives billingd's signed notification POSTs
+// and checks their signatures, as the README tells an application to.
 type demoApp struct {
 	secret string
 
 	mu       sync.Mutex
 	received []demoNotice
+	rejected []string // why POSTs were refused
 }
 
 // demoNotice is the part of a notification the demo reads.
@@ -266,6 +268,13 @@ func (a *demoApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "cannot read the body", http.StatusBadRequest)
 		return
 	}
+	if err := jobs.VerifyNotification(a.secret, r.Header.Get(jobs.SignatureHeader), body, 5*time.Minute, time.Now()); err != nil {
+		a.mu.Lock()
+		a.rejected = append(a.rejected, err.Error())
+		a.mu.Unlock()
+		http.Error(w, "bad signature", http.StatusUnauthorized)
+		return
+	}
 	var n demoNotice
 	if err := json.Unmarshal(body, &n); err != nil {
 		http.Error(w, "not JSON", http.StatusBadRequest)
@@ -277,16 +286,17 @@ func (a *demoApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// notice returns the first notification of type typ about charge id.
-func (a *demoApp) notice(typ string, chargeID int64) (demoNotice, bool) {
+// notice returns the first notification of type typ about charge id, and why POSTs were
+// refused so far.
+func (a *demoApp) notice(typ string, chargeID int64) (demoNotice, bool, []string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, n := range a.received {
 		if n.Type == typ && n.ChargeID == chargeID {
-			return n, true
+			return n, true, nil
 		}
 	}
-	return demoNotice{}, false
+	return demoNotice{}, false, append([]string(nil), a.rejected...)
 }
 
 // waitFor calls check every 50 ms until it reports done, or ctx ends. When ctx is the step's
@@ -540,7 +550,7 @@ func (s *demoScenario) alicePlan(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("plan %d (3 x %s); charge %d succeeded, %s", plan, formatMinor(total/count, 2, "usd"), id, c.PaymentIntent), nil
+	return fmt.Sprintf("plan %d (3 x %s); charge %d succeeded, %s", plan, amount(total/count, "usd"), id, c.PaymentIntent), nil
 }
 
 // aliceTopup creates a threshold top-up rule, then lets alice's balance fall below it, and waits
@@ -558,7 +568,7 @@ func (s *demoScenario) aliceTopup(ctx context.Context) (string, error) {
 		var status string
 		var fired, bal int64
 		_ = s.pool.QueryRow(ctx, demoRuleState, rule).Scan(&status, &fired, &bal)
-		return fmt.Sprintf("rule %d is %s, fired %d times, balance %s", rule, status, fired, formatMinor(bal, 2, "usd"))
+		return fmt.Sprintf("rule %d is %s, fired %d times, balance %s", rule, status, fired, amount(bal, "usd"))
 	})
 	if err != nil {
 		return "", err
@@ -568,17 +578,17 @@ func (s *demoScenario) aliceTopup(ctx context.Context) (string, error) {
 		return "", err
 	}
 	if c.Amount != target-balance {
-		return "", fmt.Errorf("top-up charge %d is for %s, want %s (target minus balance)", id, formatMinor(c.Amount, 2, "usd"), formatMinor(target-balance, 2, "usd"))
+		return "", fmt.Errorf("top-up charge %d is for %s, want %s (target minus balance)", id, amount(c.Amount, "usd"), amount(target-balance, "usd"))
 	}
-	return fmt.Sprintf("balance %s < %s: charge %d for %s succeeded, %s", formatMinor(balance, 2, "usd"), formatMinor(threshold, 2, "usd"),
-		id, formatMinor(c.Amount, 2, "usd"), c.PaymentIntent), nil
+	return fmt.Sprintf("balance %s < %s: charge %d for %s succeeded, %s", amount(balance, "usd"), amount(threshold, "usd"),
+		id, amount(c.Amount, "usd"), c.PaymentIntent), nil
 }
 
 // aliceAdhoc enqueues an ad-hoc charge as finance does, twice with the same request key, and
 // waits until it is collected.
 func (s *demoScenario) aliceAdhoc(ctx context.Context) (string, error) {
-	const amount = 2500
-	args := []any{demoAlice.Ref, amount, "usd", "Express delivery", "finance@example.com", "demo-ticket-1"}
+	const price = 2500
+	args := []any{demoAlice.Ref, price, "usd", "Express delivery", "finance@example.com", "demo-ticket-1"}
 	var id, again int64
 	if err := s.pool.QueryRow(ctx, demoEnqueueCharge, args...).Scan(&id); err != nil {
 		return "", fmt.Errorf("billing.enqueue_charge: %w", err)
@@ -634,7 +644,7 @@ func (s *demoScenario) bobDeclines(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("charge %d for %s: attempt %s, charge %s, recovery opened", id, formatMinor(total/count, 0, "jpy"), c.LastAttempt, c.Status), nil
+	return fmt.Sprintf("charge %d for %s: attempt %s, charge %s, recovery opened", id, amount(total/count, "jpy"), c.LastAttempt, c.Status), nil
 }
 
 // bobNotified waits for the signed notification that the host application receives, and takes
@@ -644,8 +654,12 @@ func (s *demoScenario) bobNotified(ctx context.Context) (string, error) {
 	err := waitFor(ctx, fmt.Sprintf("a recovery.payment_required notification about charge %d at the application (notify_recovery, deliver_notification)", s.bob),
 		func(ctx context.Context) (bool, string, error) {
 			var ok bool
-			if n, ok = s.app.notice("recovery.payment_required", s.bob); ok {
+			var rejected []string
+			if n, ok, rejected = s.app.notice("recovery.payment_required", s.bob); ok {
 				return true, "", nil
+			}
+			if len(rejected) > 0 {
+				return false, "", fmt.Errorf("the application refused billingd's notification: %s", rejected[0])
 			}
 			var status, lastErr string
 			var attempts int
@@ -666,7 +680,7 @@ func (s *demoScenario) bobNotified(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("the notification's link %q does not lead through billingd (%s...)", n.URL, prefix)
 	}
 	s.link = n.URL
-	return fmt.Sprintf("POST to the application: pay %s for %q at %s...", n.AmountDisplay, n.Description, n.URL[:len(prefix)+6]), nil
+	return fmt.Sprintf("signed POST to the application: pay %s for %q at %s...", n.AmountDisplay, n.Description, n.URL[:len(prefix)+6]), nil
 }
 
 // bobFollowsLink opens the recovery link: billingd answers 303 to the charge's open Checkout page.
@@ -796,7 +810,6 @@ type demoChargeRow struct {
 	Source         string
 	Amount         int64
 	Currency       string
-	Exponent       int
 	Status         string
 	Expected       string // the status the demo expects, "" for a charge it did not create
 	PaymentIntent  string
@@ -807,7 +820,6 @@ type demoChargeRow struct {
 // kept (collected minus refunded).
 type demoLedgerRow struct {
 	Currency string
-	Exponent int
 	Billingd int64
 	Stripe   int64
 }
@@ -822,7 +834,7 @@ func (s *demoScenario) report(ctx context.Context) (*demoReport, error) {
 	}
 	charges, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (demoChargeRow, error) {
 		var c demoChargeRow
-		err := r.Scan(&c.ID, &c.Customer, &c.Source, &c.Amount, &c.Currency, &c.Exponent, &c.Status, &c.PaymentIntent)
+		err := r.Scan(&c.ID, &c.Customer, &c.Source, &c.Amount, &c.Currency, &c.Status, &c.PaymentIntent)
 		return c, err
 	})
 	if err != nil {
@@ -855,7 +867,7 @@ func (s *demoScenario) report(ctx context.Context) (*demoReport, error) {
 		}
 		l := ledger[c.Currency]
 		if l == nil {
-			l = &demoLedgerRow{Currency: c.Currency, Exponent: c.Exponent}
+			l = &demoLedgerRow{Currency: c.Currency}
 			ledger[c.Currency] = l
 		}
 		if collected {
@@ -871,7 +883,7 @@ func (s *demoScenario) report(ctx context.Context) (*demoReport, error) {
 	for cur, t := range s.fake.Totals() {
 		l := ledger[cur]
 		if l == nil {
-			l = &demoLedgerRow{Currency: cur, Exponent: -1}
+			l = &demoLedgerRow{Currency: cur}
 			ledger[cur] = l
 		}
 		l.Stripe = t.Net()
@@ -898,7 +910,7 @@ func (r *demoReport) print(w io.Writer) {
 			check = "WANT " + c.Expected
 		}
 		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\t%s\t%dx\n", c.ID, c.Customer, c.Source,
-			formatMinor(c.Amount, c.Exponent, c.Currency), c.Status, check, orDash(c.PaymentIntent), c.StripePayments)
+			amount(c.Amount, c.Currency), c.Status, check, orDash(c.PaymentIntent), c.StripePayments)
 	}
 	_ = tw.Flush()
 	fmt.Fprintln(w, "\nLedger: collected by billingd (succeeded + recovered) against what Stripe kept (collected - refunded):")
@@ -909,11 +921,7 @@ func (r *demoReport) print(w io.Writer) {
 		if l.Billingd != l.Stripe {
 			check = "DIFFERENT"
 		}
-		exp := l.Exponent
-		if exp < 0 {
-			exp = 0
-		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", l.Currency, formatMinor(l.Billingd, exp, l.Currency), formatMinor(l.Stripe, exp, l.Currency), check)
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", l.Currency, amount(l.Billingd, l.Currency), amount(l.Stripe, l.Currency), check)
 	}
 	_ = tw.Flush()
 	if len(r.Problems) == 0 {
@@ -933,29 +941,12 @@ func orDash(s string) string {
 	return s
 }
 
-// formatMinor writes amount (minor units) of currency with exponent minor digits, thousands
-// grouped: formatMinor(1234567, 2, "usd") is "12,345.67 USD", formatMinor(12000, 0, "jpy") is
-// "12,000 JPY".
-func formatMinor(amount int64, exponent int, currency string) string {
-	s := strconv.FormatInt(amount, 10)
-	sign := ""
-	if strings.HasPrefix(s, "-") {
-		sign, s = "-", s[1:]
+// amount writes an amount (minor units) of currency for a person, as notifications do:
+// "$150.00", "¥12,000".
+func amount(minor int64, currency string) string {
+	s, err := money.Format(minor, currency)
+	if err != nil {
+		return fmt.Sprintf("%d %s", minor, strings.ToUpper(currency))
 	}
-	if len(s) <= exponent {
-		s = strings.Repeat("0", exponent-len(s)+1) + s
-	}
-	whole, frac := s[:len(s)-exponent], s[len(s)-exponent:]
-	var b strings.Builder
-	for i, r := range whole {
-		if i > 0 && (len(whole)-i)%3 == 0 {
-			b.WriteByte(',')
-		}
-		b.WriteRune(r)
-	}
-	out := sign + b.String()
-	if exponent > 0 {
-		out += "." + frac
-	}
-	return out + " " + strings.ToUpper(currency)
+	return s
 }

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
@@ -14,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/billingd/billingd/internal/dbtest"
+	"github.com/billingd/billingd/jobs"
 )
 
 // testLogger sends the daemon's logs to the test log, shown when a test fails.
@@ -120,26 +123,11 @@ func TestDemoStepTimeoutSaysWhatItExpected(t *testing.T) {
 	require.Contains(t, out.String(), "interrupted\n")
 }
 
-func TestFormatMinor(t *testing.T) {
+func TestAmountIsWrittenAsNotificationsWriteIt(t *testing.T) {
 	t.Parallel()
-	for _, tc := range []struct {
-		amount   int64
-		exponent int
-		currency string
-		want     string
-	}{
-		{15000, 2, "usd", "150.00 USD"},
-		{5, 2, "usd", "0.05 USD"},
-		{0, 2, "eur", "0.00 EUR"},
-		{123456789, 2, "usd", "1,234,567.89 USD"},
-		{12000, 0, "jpy", "12,000 JPY"},
-		{999, 0, "krw", "999 KRW"},
-		{1234, 3, "bhd", "1.234 BHD"},
-		{-50, 2, "eur", "-0.50 EUR"},
-		{-1234567, 0, "jpy", "-1,234,567 JPY"},
-	} {
-		require.Equal(t, tc.want, formatMinor(tc.amount, tc.exponent, tc.currency), "%d %s", tc.amount, tc.currency)
-	}
+	require.Equal(t, "$150.00", amount(15000, "usd"))
+	require.Equal(t, "¥12,000", amount(12000, "jpy"))
+	require.Equal(t, "7 XXX", amount(7, "xxx"), "an unknown currency is still shown")
 }
 
 func TestInstallAdvice(t *testing.T) {
@@ -168,4 +156,29 @@ func TestLogTailKeepsTheLastLines(t *testing.T) {
 	var out bytes.Buffer
 	tail.dump(&out)
 	require.Equal(t, "\nthe daemon's last 2 log lines (run with -v to see them all):\n  two\n  three\n\n", out.String())
+}
+
+// TestDemoAppChecksSignatures: the demo's stand-in application accepts only notifications signed
+// with its secret, as the README tells an application to.
+func TestDemoAppChecksSignatures(t *testing.T) {
+	t.Parallel()
+	app := newDemoApp("demo_notify_secret")
+	body := []byte(`{"type":"recovery.payment_required","charge_id":7,"url":"http://x/recover/t"}`)
+	post := func(secret string) int {
+		req := httptest.NewRequest(http.MethodPost, "/billing/notifications", bytes.NewReader(body))
+		req.Header.Set(jobs.SignatureHeader, jobs.SignNotification(secret, time.Now(), body))
+		rec := httptest.NewRecorder()
+		app.ServeHTTP(rec, req)
+		return rec.Code
+	}
+
+	require.Equal(t, http.StatusUnauthorized, post("another_secret"))
+	_, ok, rejected := app.notice("recovery.payment_required", 7)
+	require.False(t, ok)
+	require.Len(t, rejected, 1)
+
+	require.Equal(t, http.StatusNoContent, post("demo_notify_secret"))
+	n, ok, _ := app.notice("recovery.payment_required", 7)
+	require.True(t, ok)
+	require.Equal(t, "http://x/recover/t", n.URL)
 }

@@ -154,6 +154,9 @@ func cmdRun(ctx context.Context, args []string, env config.Env, stderr io.Writer
 	if err := checkMigrated(ctx, pool); err != nil {
 		return err
 	}
+	if err := schema.SetAdhocCeiling(ctx, pool, cfg.AdhocCeiling); err != nil {
+		return err
+	}
 	d, err := worker.New(cfg, pool, logger)
 	if err != nil {
 		return err

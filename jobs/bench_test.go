@@ -56,12 +56,17 @@ func riverNoopRate(b *testing.B, e *env, n int) float64 {
 	}
 	_, err = client.InsertMany(ctx, params)
 	require.NoError(b, err)
-	completed, cancel := client.Subscribe(river.EventKindJobCompleted)
-	defer cancel()
 	start := time.Now()
 	require.NoError(b, client.Start(ctx))
-	for range n {
-		<-completed
+	// Poll rather than subscribe: River drops events when a subscriber falls behind.
+	for {
+		var done int
+		require.NoError(b, e.Pool.QueryRow(ctx, `select count(*) from river_job where kind = 'bench_noop' and state = 'completed'`).Scan(&done))
+		if done == n {
+			break
+		}
+		require.Less(b, time.Since(start), 5*time.Minute, "no-op jobs do not finish")
+		time.Sleep(5 * time.Millisecond)
 	}
 	took := time.Since(start)
 	stopCtx, cancelStop := context.WithTimeout(ctx, 10*time.Second)
@@ -121,11 +126,11 @@ func BenchmarkChargePipeline(b *testing.B) {
 //
 //	go test ./jobs -run '^$' -bench ChargeRateLimited -benchtime 1x
 //
-// BILLINGD_BENCH_LIMITED_CHARGES (default 1500) and BILLINGD_BENCH_LIMITED_WORKERS (default 100)
+// BILLINGD_BENCH_LIMITED_CHARGES (default 3000, 30 s at the limit) and BILLINGD_BENCH_LIMITED_WORKERS (default 100)
 // size it. 100 workers need 110 connections: run it on the throwaway cluster (TEST_DATABASE_URL
 // unset), not on a shared server with max_connections 100.
 func BenchmarkChargeRateLimited(b *testing.B) {
-	n := benchSize(b, "BILLINGD_BENCH_LIMITED_CHARGES", 1500)
+	n := benchSize(b, "BILLINGD_BENCH_LIMITED_CHARGES", 3000)
 	w := benchSize(b, "BILLINGD_BENCH_LIMITED_WORKERS", 100)
 	for range b.N {
 		e := newEnv(b, envOpts{
@@ -153,20 +158,21 @@ func BenchmarkChargeRateLimited(b *testing.B) {
 		var tooMany int
 		require.NoError(b, e.Pool.QueryRow(context.Background(),
 			`select count(*) from billing.charge_attempts where http_status = 429 or error_code = 'rate_limit'`).Scan(&tooMany))
-		// The sustained rate is measured at stripefake, between the creation of the 10th and the
-		// 90th percentile PaymentIntent: River starting and the last calls draining are left out.
+		// The sustained rate is measured at stripefake, between the creation of the 20th and the
+		// 90th percentile PaymentIntent: River starting up 100 workers (whose first transactions
+		// contend) and the last calls draining are left out; the overall rate is reported too.
 		var created []time.Time
 		for _, pi := range e.Fake.PaymentIntents() {
 			created = append(created, pi.Created)
 		}
 		slices.SortFunc(created, time.Time.Compare)
-		p10, p90 := created[len(created)/10], created[len(created)*9/10]
-		steady := float64(len(created)*9/10-len(created)/10) / p90.Sub(p10).Seconds()
+		p20, p90 := created[len(created)/5], created[len(created)*9/10]
+		steady := float64(len(created)*9/10-len(created)/5) / p90.Sub(p20).Seconds()
 		perSecond := make([]int, int(created[len(created)-1].Sub(created[0]).Seconds())+1)
 		for _, c := range created {
 			perSecond[int(c.Sub(created[0]).Seconds())]++
 		}
-		b.Logf("PaymentIntents created per second: %v; sustained (p10-p90) %.1f/s", perSecond, steady)
+		b.Logf("PaymentIntents created per second: %v; sustained (p20-p90) %.1f/s", perSecond, steady)
 		b.ReportMetric(steady, "sustained_charges/s")
 		b.ReportMetric(sustained, "overall_charges/s")
 		b.ReportMetric(float64(tries-n), "retries")

@@ -288,7 +288,7 @@ func (e *env) waitSettled(ids []int64, timeout time.Duration) map[int64]chargeSt
 			}
 			e.t.Fatalf("after %v, %d of %d charges are not settled: %v", timeout, pending, len(ids), counts)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 

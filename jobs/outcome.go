@@ -321,10 +321,6 @@ where a.outcome = 'declined'
   and a.started_at > now() - make_interval(secs => $2)
   and (pm.id = card.id or (card.fingerprint is not null and pm.fingerprint = card.fingerprint))`
 
-const closeRecoveryQuery = `
-update billing.recoveries set status = 'closed', closed_at = now()
-where charge_id = $1 and status = 'open'`
-
 // settleInput is a verdict to record and who reached it.
 type settleInput struct {
 	answer
@@ -406,9 +402,8 @@ func (s *charging) settleTx(ctx context.Context, tx pgx.Tx, client *river.Client
 			}
 			return "double_collected", nil
 		}
-		if _, err := tx.Exec(ctx, closeRecoveryQuery, c.id); err != nil {
-			return "", fmt.Errorf("close recovery of charge %d: %w", c.id, err)
-		}
+		// The charge's open recovery closes, and its page expires, by the trigger
+		// billing.charges_close_recovery.
 		return "succeeded", nil
 
 	case verdictNoPayment:

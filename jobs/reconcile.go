@@ -69,16 +69,19 @@ where a.charge_id = $1 and a.outcome in ('in_flight', 'unknown')`
 
 	// stalledChargesQuery finds due charges with no charge job waiting for them: their job
 	// was lost (a crash while it ran, before River's rescuer gets to it, or a discarded job).
-	// A job still running elsewhere would find the charge locked or settled: harmless.
+	// A job still running elsewhere would find the charge locked or settled: harmless. The
+	// waiting jobs are read once (a hashed NOT IN), not once per charge.
 	stalledChargesQuery = `
+with waiting as materialized (
+    select (j.args ->> 'charge_id')::bigint as charge_id
+    from river_job j
+    where j.kind = 'charge' and j.state in ('available', 'pending', 'scheduled', 'retryable')
+)
 select c.id
 from billing.charges c
 where ((c.status = 'pending' and c.created_at < now() - make_interval(secs => $1))
        or (c.status = 'retry_scheduled' and c.next_attempt_at < now() - make_interval(secs => $1)))
-  and not exists (
-      select 1 from river_job j
-      where j.kind = 'charge' and j.state in ('available', 'pending', 'scheduled', 'retryable')
-        and j.args ->> 'charge_id' = c.id::text)
+  and c.id not in (select charge_id from waiting where charge_id is not null)
 order by c.id
 limit $2`
 )

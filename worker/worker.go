@@ -82,8 +82,12 @@ func NewStripeClient(pool *pgxpool.Pool, cfg *config.Config) (*stripe.Client, er
 	if err != nil {
 		return nil, err
 	}
+	// Every call goes to one host: keep a connection per worker instead of net/http's default
+	// of two idle connections per host, which would reconnect for most calls under load.
+	base := http.DefaultTransport.(*http.Transport).Clone()
+	base.MaxIdleConnsPerHost = cfg.MaxWorkers + 10
 	httpClient := &http.Client{
-		Transport: stripeapi.RateLimitedTransport(nil, limiter),
+		Transport: stripeapi.RateLimitedTransport(base, limiter),
 		Timeout:   60 * time.Second,
 	}
 	return stripeapi.NewClient(cfg.StripeSecretKey, cfg.StripeAPIBase, httpClient, int64(cfg.StripeMaxRetries)), nil

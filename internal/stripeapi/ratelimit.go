@@ -5,8 +5,8 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -16,13 +16,13 @@ import (
 //
 // It is a generic cell rate algorithm kept in one row of billing.rate_limits: next_free is the
 // time of the next free request slot. A replica leases as many consecutive slots as it has
-// callers waiting (at most 250 ms worth at its rate) in one short UPDATE, and each caller
-// sleeps until its slot. Slots follow one another at 1/rate across all replicas, so no second (and no
-// shorter window, bar one slot) holds more than the rate allows; leasing only for callers that
-// wait keeps idle replicas from holding capacity. A slot not used within one interval (at
-// least 5 ms) of its time is dropped rather than spent late, so that idle capacity never turns
-// into a burst. Times come from the database's clock and are turned into local waits, so clock
-// skew between replicas does not matter.
+// callers waiting that no lease in flight covers (at most 250 ms worth at its rate) in one
+// short UPDATE, and each caller sleeps until its slot. Slots follow one another at 1/rate across
+// all replicas, so no second (and no shorter window, bar one slot) holds more than the rate
+// allows; leasing only for callers that wait keeps idle replicas from holding capacity. A slot
+// not used within one interval (at least 5 ms) of its time is dropped rather than spent late,
+// so that idle capacity never turns into a burst. Times come from the database's clock and are
+// turned into local waits, so clock skew between replicas does not matter.
 //
 // A Limiter is safe for concurrent use. The zero value is not usable; call NewLimiter.
 type Limiter struct {
@@ -32,10 +32,11 @@ type Limiter struct {
 	maxBatch  int
 	tolerance time.Duration
 
-	waiting atomic.Int64 // callers in Wait that have no slot yet
-
-	mu    sync.Mutex
-	slots []time.Time // local times of leased slots, ascending
+	mu       sync.Mutex
+	slots    []time.Time   // local times of leased slots, ascending
+	waiting  int           // callers in take without a slot
+	covered  int           // slots that leases in flight will bring
+	arrivals chan struct{} // closed (and replaced) when a lease brings slots
 }
 
 // NewLimiter returns a limiter named name (one row of billing.rate_limits; every replica must
@@ -50,7 +51,7 @@ func NewLimiter(pool *pgxpool.Pool, name string, rps float64) (*Limiter, error) 
 	}
 	batch := int(math.Ceil(rps / 4)) // 250 ms of slots at most per lease
 	return &Limiter{pool: pool, name: name, interval: interval, maxBatch: min(max(batch, 1), 1000),
-		tolerance: max(interval, 5*time.Millisecond)}, nil
+		tolerance: max(interval, 5*time.Millisecond), arrivals: make(chan struct{})}, nil
 }
 
 // leaseQuery moves the row's next free slot forward by n intervals (from now, if it lies in the
@@ -82,12 +83,14 @@ func (l *Limiter) Wait(ctx context.Context) error {
 	}
 }
 
-// take returns the local time of the caller's slot, leasing more when none is left.
+// take returns the local time of the caller's slot. When there is none, it leases slots for
+// every waiting caller that no lease in flight covers, without holding the lock meanwhile, so
+// that callers arriving during a lease start the next one instead of queueing behind it.
 func (l *Limiter) take(ctx context.Context) (time.Time, error) {
-	l.waiting.Add(1)
-	defer l.waiting.Add(-1)
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.waiting++
+	defer func() { l.waiting-- }()
 	for {
 		now := time.Now()
 		for len(l.slots) > 0 && now.Sub(l.slots[0]) > l.tolerance {
@@ -98,26 +101,47 @@ func (l *Limiter) take(ctx context.Context) (time.Time, error) {
 			l.slots = l.slots[1:]
 			return s, nil
 		}
-		// Lease for every caller waiting now (they queue on mu behind this one).
-		n := min(max(int(l.waiting.Load()), 1), l.maxBatch)
-		if err := l.lease(ctx, n); err != nil {
-			return time.Time{}, err
+		if n := min(l.waiting-l.covered, l.maxBatch); n > 0 {
+			l.covered += n
+			l.mu.Unlock()
+			slots, err := l.lease(ctx, n)
+			l.mu.Lock()
+			l.covered -= n
+			if err != nil {
+				return time.Time{}, err
+			}
+			l.slots = append(l.slots, slots...)
+			slices.SortFunc(l.slots, time.Time.Compare) // leases may return out of order
+			close(l.arrivals)
+			l.arrivals = make(chan struct{})
+			continue
+		}
+		arrived := l.arrivals
+		l.mu.Unlock()
+		select {
+		case <-arrived:
+			l.mu.Lock()
+		case <-ctx.Done():
+			l.mu.Lock()
+			return time.Time{}, ctx.Err()
 		}
 	}
 }
 
-func (l *Limiter) lease(ctx context.Context, n int) error {
+// lease takes n consecutive slots from the shared row and returns their local times.
+func (l *Limiter) lease(ctx context.Context, n int) ([]time.Time, error) {
 	step := max(l.interval.Microseconds(), 1)
 	span := int64(n) * step
 	var waitMicros int64
 	if err := l.pool.QueryRow(ctx, leaseQuery, l.name, span).Scan(&waitMicros); err != nil {
-		return fmt.Errorf("lease rate limit %q: %w", l.name, err)
+		return nil, fmt.Errorf("lease rate limit %q: %w", l.name, err)
 	}
 	first := time.Now().Add(time.Duration(waitMicros) * time.Microsecond)
-	for i := range n {
-		l.slots = append(l.slots, first.Add(time.Duration(int64(i)*step)*time.Microsecond))
+	slots := make([]time.Time, n)
+	for i := range slots {
+		slots[i] = first.Add(time.Duration(int64(i)*step) * time.Microsecond)
 	}
-	return nil
+	return slots, nil
 }
 
 // RateLimitedTransport returns an http.RoundTripper that waits for l before every request it

@@ -35,7 +35,7 @@ type Deps struct {
 func Kinds() []string {
 	return slices.Concat(
 		chargeKinds(),
-		[]string{IngestEventArgs{}.Kind(), StartSetupArgs{}.Kind()},
+		[]string{IngestEventArgs{}.Kind(), StartSetupArgs{}.Kind(), DueArgs{}.Kind()},
 		recoveryKinds(),
 	)
 }
@@ -50,6 +50,7 @@ func Register(workers *river.Workers, d *Deps) error {
 	if err := registerRecovery(workers, d); err != nil {
 		return err
 	}
+	river.AddWorker(workers, NewDueWorker(d))
 	return nil
 }
 
@@ -68,5 +69,10 @@ func PeriodicJobs(d *Deps) ([]*river.PeriodicJob, error) {
 		return nil, err
 	}
 	all = append(all, recovery...)
+	due, err := newDuePeriodicJob(d)
+	if err != nil {
+		return nil, err
+	}
+	all = append(all, due)
 	return all, nil
 }

@@ -1,6 +1,7 @@
 // Command billingd charges customers' saved Stripe payment methods when money is due, exactly
 // once, and brings the customer back when a charge fails.
 //
+//	billingd demo         the whole flow on a throwaway PostgreSQL and an in-process Stripe emulator
 //	billingd run          the daemon (several replicas may share one database)
 //	billingd migrate      River's and billing's migrations, idempotent
 //	billingd status       what is due, in flight, failed and recovering

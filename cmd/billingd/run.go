@@ -34,6 +34,7 @@ const usage = `billingd charges saved Stripe payment methods when money is due, 
 Usage: billingd <command> [flags]
 
 Commands:
+  demo         the whole flow on a throwaway PostgreSQL and an in-process Stripe emulator
   run          run the daemon: jobs, webhooks, recovery links, health and metrics
   migrate      apply River's and billing's migrations (idempotent, safe from several replicas)
   status       what is due, in flight, failed and recovering, at a glance
@@ -52,6 +53,8 @@ func run(ctx context.Context, args []string, env config.Env, stdout, stderr io.W
 	}
 	cmd, rest := args[0], args[1:]
 	switch cmd {
+	case "demo":
+		return cmdDemo(ctx, rest, env, stdout, stderr)
 	case "run":
 		return cmdRun(ctx, rest, env, stderr)
 	case "migrate":

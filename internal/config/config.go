@@ -339,7 +339,7 @@ func (c *Config) Validate(need Need) error {
 		errs = append(errs, fmt.Errorf("BILLING_RECOVERY_PLAN_ON_UNCOLLECTIBLE=%q must be pause or continue", c.RecoveryPlanOnUncollectible))
 	}
 	for name, expr := range map[string]string{"BILLING_DUE_SCHEDULE": c.DueSchedule, "BILLING_RECONCILE_SCHEDULE": c.ReconcileSchedule, "BILLING_RECOVERY_SCHEDULE": c.RecoverySchedule} {
-		if _, err := cron.ParseStandard(expr); err != nil {
+		if err := checkCron(expr); err != nil {
 			errs = append(errs, fmt.Errorf("%s=%q is not a cron schedule: %v", name, expr, err))
 		}
 	}
@@ -354,6 +354,18 @@ func (c *Config) Validate(need Need) error {
 		errs = append(errs, fmt.Errorf("BILLING_LOG_FORMAT=%q must be text or json", c.LogFormat))
 	}
 	return errors.Join(errs...)
+}
+
+// checkCron parses a schedule as the daemon will (cron.ParseStandard). robfig/cron v3.0.1 panics
+// on a CRON_TZ= prefix with no schedule after it; that is reported as an error here instead.
+func checkCron(expr string) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = errors.New("CRON_TZ= must be followed by a space and the schedule")
+		}
+	}()
+	_, err = cron.ParseStandard(expr)
+	return err
 }
 
 func checkDatabaseURL(s string) error {

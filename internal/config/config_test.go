@@ -58,6 +58,7 @@ func TestValidate(t *testing.T) {
 		{"negative timeout", with("BILLING_SOFT_STOP_TIMEOUT", "-1s"), nil, "BILLING_SOFT_STOP_TIMEOUT must be positive"},
 		{"cron", with("BILLING_DUE_SCHEDULE", "daily"), nil, "BILLING_DUE_SCHEDULE"},
 		{"cron tz", with("BILLING_DUE_SCHEDULE", "CRON_TZ=Europe/Paris 0 9 * * *"), nil, ""},
+		{"cron tz without schedule", with("BILLING_DUE_SCHEDULE", "CRON_TZ=Europe/Paris"), nil, "BILLING_DUE_SCHEDULE"},
 		{"notify url without secret", with("BILLING_NOTIFY_URL", "https://app/hook"), nil, "BILLING_NOTIFY_SECRET is required"},
 		{"smtp url", with("BILLING_SMTP_URL", "mail.example.com:25"), nil, "BILLING_SMTP_URL must look like"},
 		{"river ui half configured", with("BILLING_RIVERUI_USER", "ops"), nil, "must be set together"},

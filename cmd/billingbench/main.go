@@ -3,6 +3,7 @@
 //
 //	billingbench pipeline  charges per second through the whole pipeline vs River's no-op jobs
 //	billingbench limited   the sustained rate with Stripe latency and a rate limit
+//	billingbench due       the due computation of N plans beside a plain-insert baseline, with peak memory
 //	billingbench enqueue   billing.enqueue_charge -> PaymentIntent latency (median, p99)
 //	billingbench chaos     replicas killed with SIGKILL under stripefake faults: duplicated and lost must be 0
 //

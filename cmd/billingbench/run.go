@@ -35,6 +35,7 @@ Usage: billingbench <command> [flags]
 Commands:
   pipeline  charges per second through the whole pipeline, beside River's no-op jobs/s at the same workers
   limited   sustained charges per second with Stripe latency and a rate limit (target: >= 95/s at 100/s, no 429)
+  due       the due computation of N plans all due, beside a plain INSERT ... SELECT + InsertManyFast baseline
   enqueue   billing.enqueue_charge -> PaymentIntent latency, median and p99 over sequential calls
   chaos     several billingd replicas killed with SIGKILL and restarted while stripefake misbehaves;
             reports charges attempted, collected, duplicated (must be 0) and lost (must be 0)
@@ -90,6 +91,8 @@ func run(ctx context.Context, args []string, getenv env, stdout, stderr io.Write
 		return cmdPipeline(ctx, rest, getenv, stdout, stderr)
 	case "limited":
 		return cmdLimited(ctx, rest, getenv, stdout, stderr)
+	case "due":
+		return cmdDue(ctx, rest, getenv, stdout, stderr)
 	case "enqueue":
 		return cmdEnqueue(ctx, rest, getenv, stdout, stderr)
 	case "chaos":
@@ -196,6 +199,38 @@ func cmdLimited(ctx context.Context, args []string, getenv env, stdout, stderr i
 	}
 	fmt.Fprintf(stdout, "median of %d: sustained %.1f charges/s = %.3f of the %.0f/s limit; 429s in all runs: %d\n",
 		c.runs, median(sustained), median(ratios), o.StripeRPS, tooMany)
+	return nil
+}
+
+func cmdDue(ctx context.Context, args []string, getenv env, stdout, stderr io.Writer) error {
+	var c common
+	var o bench.DueOptions
+	fs := newFlagSet("due", getenv, stderr, &c)
+	fs.IntVar(&o.Plans, "plans", 1_000_000, "active installment plans, all due (one installment each)")
+	fs.IntVar(&o.Batch, "batch", 5000, "rows per transaction (BILLING_DUE_BATCH_SIZE)")
+	fs.IntVar(&o.Workers, "workers", 2, "batch transactions in flight")
+	fs.StringVar(&o.Kind, "kind", "monthly", "schedule of the seeded plans: monthly (next date in SQL) or cron (next date in Go)")
+	if err := parseFlags(fs, args, &c); err != nil {
+		return err
+	}
+	if o.Plans < 1 || o.Batch < 1 {
+		return errors.New("-plans and -batch must be at least 1")
+	}
+	logger, srv, err := open(c, stderr)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	var ratios, cpu []float64
+	for i := range c.runs {
+		fmt.Fprintf(stdout, "run %d:\n", i+1)
+		r, err := bench.Due(ctx, srv, logger, o, stdout)
+		if err != nil {
+			return fmt.Errorf("due run %d: %w", i+1, err)
+		}
+		ratios, cpu = append(ratios, r.TimeRatio), append(cpu, r.CPURatio)
+	}
+	fmt.Fprintf(stdout, "median of %d: due / mean baseline: time %.2fx, cpu %.2fx\n", c.runs, median(ratios), median(cpu))
 	return nil
 }
 

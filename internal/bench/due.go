@@ -265,10 +265,18 @@ func Due(ctx context.Context, srv *Server, logger *slog.Logger, o DueOptions, w 
 		exec(`checkpoint`)
 		return r, execErr
 	}
+	line := func(name string, r dueBaseline) string {
+		return fmt.Sprintf("  baseline %-6s INSERT ... SELECT %7.2fs + InsertManyFast %7.2fs = %7.2fs  %7.0f rows/s  cpu go %6.2fs db %6.2fs  peak heap %5.1f MiB\n",
+			name, r.insertSelect.Seconds(), r.insertJobs.Seconds(), r.total.Seconds(), float64(n)/r.total.Seconds(),
+			r.goCPU.Seconds(), r.dbCPU.Seconds(), float64(r.heap)/mib)
+	}
+	fmt.Fprintf(w, "due computation, %d %s plans all due (batch %d, %d workers, GOMAXPROCS %d, NumCPU %d)\n",
+		n, o.Kind, o.Batch, max(o.Workers, 1), runtime.GOMAXPROCS(0), runtime.NumCPU())
 	before, err := baseline()
 	if err != nil {
 		return res, fmt.Errorf("baseline: %w", err)
 	}
+	fmt.Fprint(w, line("before", before))
 
 	due := &jobs.Due{Pool: pool, Client: client, Logger: logger, BatchSize: o.Batch, Workers: o.Workers}
 	stopHeap := heapPeak()
@@ -294,14 +302,6 @@ func Due(ctx context.Context, srv *Server, logger *slog.Logger, o DueOptions, w 
 	}
 	mean := (before.total + after.total) / 2
 
-	line := func(name string, r dueBaseline) string {
-		return fmt.Sprintf("  baseline %-6s INSERT ... SELECT %7.2fs + InsertManyFast %7.2fs = %7.2fs  %7.0f rows/s  cpu go %6.2fs db %6.2fs  peak heap %5.1f MiB\n",
-			name, r.insertSelect.Seconds(), r.insertJobs.Seconds(), r.total.Seconds(), float64(n)/r.total.Seconds(),
-			r.goCPU.Seconds(), r.dbCPU.Seconds(), float64(r.heap)/mib)
-	}
-	fmt.Fprintf(w, "due computation, %d %s plans all due (batch %d, %d workers, GOMAXPROCS %d, NumCPU %d)\n",
-		n, o.Kind, o.Batch, max(o.Workers, 1), runtime.GOMAXPROCS(0), runtime.NumCPU())
-	fmt.Fprint(w, line("before", before))
 	fmt.Fprintf(w, "  due computation: charges + jobs + plans advanced        = %7.2fs  %7.0f rows/s  cpu go %6.2fs db %6.2fs  peak heap %5.1f MiB  (%d batches)\n",
 		elapsed.Seconds(), float64(n)/elapsed.Seconds(), dueGoCPU.Seconds(), dueDBCPU.Seconds(), float64(dueHeap)/mib, dr.Batches)
 	fmt.Fprint(w, line("after", after))

@@ -400,14 +400,14 @@ func chargeKinds() []string {
 	return []string{ChargeArgs{}.Kind(), ReconcileArgs{}.Kind()}
 }
 
-// registerCharge adds the charge and reconcile workers, and makes their settings the ones
-// SettlePaymentIntentTx uses.
+// registerCharge adds the charge and reconcile workers, and keeps their settings in d for
+// SettlePaymentIntentTx.
 func registerCharge(workers *river.Workers, d *Deps) error {
 	charge, err := NewChargeWorker(d)
 	if err != nil {
 		return fmt.Errorf("charge worker: %w", err)
 	}
-	registered.Store(charge.charging)
+	d.charging = charge.charging
 	for _, err := range []error{
 		river.AddWorkerSafely(workers, charge),
 		river.AddWorkerSafely(workers, &ReconcileWorker{deps: d, charging: charge.charging}),

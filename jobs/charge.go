@@ -391,7 +391,13 @@ func (w *ChargeWorker) record(ctx context.Context, job *river.Job[ChargeArgs], p
 		return fmt.Errorf("commit outcome of charge %d: %w", p.chargeID, err)
 	}
 	countOutcome(label)
-	log.Debug("charge attempt settled", "outcome", label, "stripe_request_id", ans.requestID)
+	// One line per settled attempt at info: with the due computation's, the recovery jobs' and the
+	// webhooks' lines, charge_id follows a charge from due to collected.
+	piID := ""
+	if ans.pi != nil {
+		piID = ans.pi.ID
+	}
+	log.Info("charge attempt settled", "outcome", label, "payment_intent_id", piID, "stripe_request_id", ans.requestID)
 	return nil
 }
 

@@ -391,7 +391,13 @@ func (w *ChargeWorker) record(ctx context.Context, job *river.Job[ChargeArgs], p
 		return fmt.Errorf("commit outcome of charge %d: %w", p.chargeID, err)
 	}
 	countOutcome(label)
-	log.Debug("charge attempt settled", "outcome", label, "stripe_request_id", ans.requestID)
+	// One line per settled attempt at info: with the due computation's, the recovery jobs' and the
+	// webhooks' lines, charge_id follows a charge from due to collected.
+	piID := ""
+	if ans.pi != nil {
+		piID = ans.pi.ID
+	}
+	log.Info("charge attempt settled", "outcome", label, "payment_intent_id", piID, "stripe_request_id", ans.requestID)
 	return nil
 }
 
@@ -400,14 +406,14 @@ func chargeKinds() []string {
 	return []string{ChargeArgs{}.Kind(), ReconcileArgs{}.Kind()}
 }
 
-// registerCharge adds the charge and reconcile workers, and makes their settings the ones
-// SettlePaymentIntentTx uses.
+// registerCharge adds the charge and reconcile workers, and keeps their settings in d for
+// SettlePaymentIntentTx.
 func registerCharge(workers *river.Workers, d *Deps) error {
 	charge, err := NewChargeWorker(d)
 	if err != nil {
 		return fmt.Errorf("charge worker: %w", err)
 	}
-	registered.Store(charge.charging)
+	d.charging = charge.charging
 	for _, err := range []error{
 		river.AddWorkerSafely(workers, charge),
 		river.AddWorkerSafely(workers, &ReconcileWorker{deps: d, charging: charge.charging}),

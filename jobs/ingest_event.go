@@ -432,7 +432,7 @@ func (w *IngestEventWorker) paymentIntentOutcome(ctx context.Context, job *river
 		return w.finish(ctx, job, e, outcome{eventIgnored, "payment intent without metadata charge_id: not billingd's"})
 	}
 	return w.apply(ctx, job, e, func(tx pgx.Tx) (outcome, error) {
-		known, err := SettlePaymentIntentTx(ctx, tx, clientFrom(ctx), &pi)
+		known, err := SettlePaymentIntentTx(ctx, tx, clientFrom(ctx), w.deps, &pi)
 		if err != nil {
 			return outcome{}, fmt.Errorf("settle payment intent %s: %w", pi.ID, err)
 		}

@@ -29,6 +29,9 @@ type Deps struct {
 	Stripe *stripe.Client
 	Logger *slog.Logger
 	Config *config.Config
+
+	// charging holds the charge job's settings once Register has run (SettlePaymentIntentTx).
+	charging *charging
 }
 
 // Kinds lists the job kinds that Register adds.

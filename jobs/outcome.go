@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net/http"
 	"strconv"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -274,15 +273,17 @@ type charging struct {
 	reconcileAfter time.Duration
 }
 
-// registered holds the settings of the River client registered last (see Register), for
-// SettlePaymentIntentTx, whose signature is a contract and carries no Deps.
-var registered atomic.Pointer[charging]
-
-func currentCharging() *charging {
-	if c := registered.Load(); c != nil {
-		return c
+// chargingOf returns the charging settings that Register gave d, or the defaults for a Deps
+// that was never registered (a test settling one PaymentIntent by hand).
+func chargingOf(d *Deps) *charging {
+	if d != nil && d.charging != nil {
+		return d.charging
 	}
-	return &charging{policy: DefaultDeclinePolicy(), logger: slog.Default(), reconcileAfter: 2 * time.Minute}
+	logger := slog.Default()
+	if d != nil && d.Logger != nil {
+		logger = d.Logger
+	}
+	return &charging{policy: DefaultDeclinePolicy(), logger: logger, reconcileAfter: 2 * time.Minute}
 }
 
 const updateAttemptQuery = `

@@ -145,7 +145,7 @@ func TestSettlePaymentIntentTx(t *testing.T) {
 		var known bool
 		e.inTx(func(tx pgx.Tx) {
 			var err error
-			known, err = jobs.SettlePaymentIntentTx(ctx, tx, e.Client, pi)
+			known, err = jobs.SettlePaymentIntentTx(ctx, tx, e.Client, e.Deps, pi)
 			require.NoError(t, err)
 		})
 		return known

@@ -13,9 +13,6 @@ import (
 	"github.com/billingd/billingd/internal/stripeapi"
 )
 
-// errNotYet marks contract functions whose implementation lands with its issue.
-var errNotYet = errors.New("not implemented yet")
-
 // SettlePaymentIntentTx records what Stripe says about a PaymentIntent that billingd created for
 // a charge (metadata charge_id): a late payment_intent.succeeded or payment_intent.payment_failed
 // event, or the reconcile job's answer for an attempt whose outcome was unknown. It is idempotent:
@@ -27,11 +24,12 @@ var errNotYet = errors.New("not implemented yet")
 // attempts (a recovery Checkout payment, for one) is not billingd's to settle here: known is
 // false. Settling locks the charge; the outcome follows the same rules as the charge job's
 // (a decline schedules a retry or recovery, per the decline policy). client inserts the jobs
-// that follow; nil takes the client from ctx (inside a River job).
+// that follow; nil takes the client from ctx (inside a River job). d is the Deps the workers were
+// registered with: its decline policy and settings apply.
 //
 // Contract shared by the charge issue (which implements it), webhooks and reconcile.
-func SettlePaymentIntentTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], pi *stripe.PaymentIntent) (known bool, err error) {
-	label, known, err := currentCharging().settlePaymentIntentTx(ctx, tx, client, pi, "webhook")
+func SettlePaymentIntentTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], d *Deps, pi *stripe.PaymentIntent) (known bool, err error) {
+	label, known, err := chargingOf(d).settlePaymentIntentTx(ctx, tx, client, pi, "webhook")
 	if err == nil {
 		countOutcome(label)
 	}

@@ -331,43 +331,69 @@ select id, cron_expr, time_zone, starts_at
  limit $2
    for update skip locked`
 
+// firstSchedule names what schedulePendingBatch schedules: cron plans created from SQL, whose
+// first date is the first at or after their start, or scheduled top-up rules, whose first date
+// is the first at or after their creation.
+type firstSchedule struct {
+	what     string // for errors: "plans", "top-up rules"
+	lock     string // locks pending rows: id, cron_expr, time_zone, the time the schedule counts from
+	store    string // stores the computed dates (ids, dates, reasons)
+	idLogKey string // "plan_id" or "topup_rule_id"
+}
+
+var (
+	firstSchedulePlans = firstSchedule{"plans", pendingPlansQuery, setPlanScheduleQuery, "plan_id"}
+	firstScheduleRules = firstSchedule{"top-up rules", pendingRulesQuery, setRuleScheduleQuery, "topup_rule_id"}
+)
+
 // schedulePlansBatch computes the first due date of a batch of cron plans created from SQL
 // (status schedule_pending), or marks them invalid. Such a plan becomes active and, when its first
 // date is already past, is charged later in the same run.
 func (d *Due) schedulePlansBatch(ctx context.Context, _ time.Time, cur *dueCursor) (DueResult, int, error) {
+	return d.schedulePendingBatch(ctx, cur, firstSchedulePlans)
+}
+
+// scheduleRulesBatch is schedulePlansBatch for scheduled top-up rules.
+func (d *Due) scheduleRulesBatch(ctx context.Context, _ time.Time, cur *dueCursor) (DueResult, int, error) {
+	return d.schedulePendingBatch(ctx, cur, firstScheduleRules)
+}
+
+// schedulePendingBatch locks one batch of pending rows of fs, computes each first due date in Go
+// (or the reason the schedule is invalid) and stores them, in one transaction.
+func (d *Due) schedulePendingBatch(ctx context.Context, cur *dueCursor, fs firstSchedule) (DueResult, int, error) {
 	var res DueResult
 	var locked int
 	err := d.inTx(ctx, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, pendingPlansQuery, cur.id, d.BatchSize)
+		rows, err := tx.Query(ctx, fs.lock, cur.id, d.BatchSize)
 		if err != nil {
-			return fmt.Errorf("lock pending plans: %w", err)
+			return fmt.Errorf("lock pending %s: %w", fs.what, err)
 		}
 		var (
 			nd         nextDue
 			id         int64
 			expr, zone string
-			startsAt   time.Time
+			from       time.Time
 			schedules  = scheduleCache{}
 		)
-		_, err = pgx.ForEachRow(rows, []any{&id, &expr, &zone, &startsAt}, func() error {
+		_, err = pgx.ForEachRow(rows, []any{&id, &expr, &zone, &from}, func() error {
 			locked++
 			cur.id = id
 			s, perr := schedules.get(expr, zone)
 			var first time.Time
 			if perr == nil {
-				first = s.First(startsAt)
+				first = s.First(from)
 			}
-			nd.add(id, first, perr, "", d.Logger, "plan_id")
+			nd.add(id, first, perr, "", d.Logger, fs.idLogKey)
 			return nil
 		})
 		if err != nil {
-			return fmt.Errorf("read pending plans: %w", err)
+			return fmt.Errorf("read pending %s: %w", fs.what, err)
 		}
 		if locked == 0 {
 			return nil
 		}
-		if _, err := tx.Exec(ctx, setPlanScheduleQuery, nd.ids, nd.next, nd.reasons); err != nil {
-			return fmt.Errorf("store first due dates: %w", err)
+		if _, err := tx.Exec(ctx, fs.store, nd.ids, nd.next, nd.reasons); err != nil {
+			return fmt.Errorf("store first due dates of %s: %w", fs.what, err)
 		}
 		res.Scheduled, res.Invalid = locked-nd.invalid, nd.invalid
 		return nil
@@ -387,53 +413,6 @@ select id, cron_expr, time_zone, created_at
  order by id
  limit $2
    for update skip locked`
-
-// scheduleRulesBatch is schedulePlansBatch for scheduled top-up rules, whose first occurrence
-// is the first at or after the rule's creation.
-func (d *Due) scheduleRulesBatch(ctx context.Context, _ time.Time, cur *dueCursor) (DueResult, int, error) {
-	var res DueResult
-	var locked int
-	err := d.inTx(ctx, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, pendingRulesQuery, cur.id, d.BatchSize)
-		if err != nil {
-			return fmt.Errorf("lock pending top-up rules: %w", err)
-		}
-		var (
-			nd         nextDue
-			id         int64
-			expr, zone string
-			createdAt  time.Time
-			schedules  = scheduleCache{}
-		)
-		_, err = pgx.ForEachRow(rows, []any{&id, &expr, &zone, &createdAt}, func() error {
-			locked++
-			cur.id = id
-			s, perr := schedules.get(expr, zone)
-			var first time.Time
-			if perr == nil {
-				first = s.First(createdAt)
-			}
-			nd.add(id, first, perr, "", d.Logger, "topup_rule_id")
-			return nil
-		})
-		if err != nil {
-			return fmt.Errorf("read pending top-up rules: %w", err)
-		}
-		if locked == 0 {
-			return nil
-		}
-		if _, err := tx.Exec(ctx, setRuleScheduleQuery, nd.ids, nd.next, nd.reasons); err != nil {
-			return fmt.Errorf("store first due dates: %w", err)
-		}
-		res.Scheduled, res.Invalid = locked-nd.invalid, nd.invalid
-		return nil
-	})
-	if err != nil || locked == 0 {
-		return DueResult{}, 0, err
-	}
-	res.Batches = 1
-	return res, locked, nil
-}
 
 // lockedRow ends the output of the batch statements below: how many rows the batch locked, and
 // the last (next_due_at, id) key among them, where the next batch starts.

@@ -40,8 +40,9 @@ func (DueArgs) InsertOpts() river.InsertOpts {
 	}
 }
 
-// dueWorkers is how many batch transactions a due run keeps in flight: two overlap one batch's
-// Go work (building and copying its charge jobs) with the next batch's statement in PostgreSQL.
+// dueWorkers is how many batch transactions a due run keeps in flight, each on its own connection:
+// a batch is mostly one statement, so two keep two database cores busy (measured in
+// BENCHMARKS.md; a third added contention, not speed, on two cores).
 const dueWorkers = 2
 
 // DueWorker runs the due computation for one DueArgs job.
@@ -61,7 +62,6 @@ func (w *DueWorker) Timeout(*river.Job[DueArgs]) time.Duration { return -1 }
 func (w *DueWorker) Work(ctx context.Context, job *river.Job[DueArgs]) error {
 	due := &Due{
 		Pool:      w.deps.Pool,
-		Client:    river.ClientFromContext[pgx.Tx](ctx),
 		Logger:    w.deps.Logger.With("job_id", job.ID),
 		BatchSize: w.deps.Config.DueBatchSize,
 		Workers:   dueWorkers,
@@ -90,14 +90,15 @@ func newDuePeriodicJob(d *Deps) (*river.PeriodicJob, error) {
 
 // Due turns what has fallen due into charges and their charge jobs: installments whose date has
 // come, scheduled top-ups whose occurrence has come, and threshold top-ups whose customer's
-// balance is low. It works in batches of at most BatchSize rows, each one transaction: lock the due
-// rows (FOR UPDATE SKIP LOCKED, so concurrent runs share the work and never wait on each other),
-// insert their charges (unique per source and period: a second run inserts nothing), advance the
-// plans and rules, and insert the charge jobs with River's InsertManyFastTx. Memory holds one
-// batch per worker, however many rows are due.
+// balance is low. It works in batches of at most BatchSize rows, each one transaction and, for
+// installments, one statement: lock the due rows (FOR UPDATE SKIP LOCKED, so concurrent runs share
+// the work and never wait on each other), insert their charges (unique per source and period: a
+// second run inserts nothing), insert a River charge job per charge (chargeJobsCTE), and advance
+// the plans and rules. Rows stay in PostgreSQL: Go reads one summary row per batch, plus the cron
+// plans whose next date it computes, so memory is flat however many rows are due, and Workers
+// batches in flight keep every core of the database busy.
 type Due struct {
 	Pool      *pgxpool.Pool
-	Client    *river.Client[pgx.Tx] // inserts the charge jobs; need not be started
 	Logger    *slog.Logger
 	BatchSize int // rows per transaction; at least 1
 	Workers   int // batch transactions in flight at once; 0 means 1
@@ -238,17 +239,32 @@ func (d *Due) inTx(ctx context.Context, fn func(pgx.Tx) error) error {
 	return nil
 }
 
-// insertChargeJobs inserts one charge job per charge id in tx (COPY FROM through River).
-func (d *Due) insertChargeJobs(ctx context.Context, tx pgx.Tx, chargeIDs []int64) error {
-	if len(chargeIDs) == 0 {
+// chargeJobsCTE is the CTE that inserts a River charge job for every row of the CTE "charged"
+// (its column id, a new charge), in the statement that inserts the charges: River's row as
+// ChargeArgs and its InsertOpts describe it, with River's defaults for the rest (state available,
+// scheduled now, priority 1), as billing.enqueue_charge inserts finance's. Set-based in the
+// database, it spares the batch a round trip and the encoding of every job in Go; a test runs
+// the jobs it inserts with River (TestDueJobsRunAsRiverJobs).
+var chargeJobsCTE = func() string {
+	opts := ChargeArgs{}.InsertOpts()
+	return fmt.Sprintf(`
+jobs as (
+    insert into river_job (args, kind, queue, max_attempts)
+    select jsonb_build_object('charge_id', c.id), '%s', '%s', %d from charged c
+)`, ChargeArgs{}.Kind(), opts.Queue, opts.MaxAttempts)
+}()
+
+// notifyChargeJobs tells the River producers of every replica that charge jobs are available,
+// once per batch, as River's own inserts do; it is delivered at commit.
+var notifyChargeJobs = fmt.Sprintf(`select pg_notify(billing.river_insert_channel(), '{"queue":"%s"}')`,
+	ChargeArgs{}.InsertOpts().Queue)
+
+func notifyJobs(ctx context.Context, tx pgx.Tx, charged int) error {
+	if charged == 0 {
 		return nil
 	}
-	params := make([]river.InsertManyParams, len(chargeIDs))
-	for i, id := range chargeIDs {
-		params[i] = river.InsertManyParams{Args: ChargeArgs{ChargeID: id}}
-	}
-	if _, err := d.Client.InsertManyFastTx(ctx, tx, params); err != nil {
-		return fmt.Errorf("insert %d charge jobs: %w", len(chargeIDs), err)
+	if _, err := tx.Exec(ctx, notifyChargeJobs); err != nil {
+		return fmt.Errorf("notify the charge jobs: %w", err)
 	}
 	return nil
 }
@@ -298,23 +314,28 @@ func (n *nextDue) add(id int64, at time.Time, err error, what string, logger *sl
 	logger.Warn("schedule marked invalid", idAttr, id, "reason", n.reasons[len(n.reasons)-1].String)
 }
 
-// setPlanScheduleQuery stores Go-computed due dates of cron plans: the first one of a pending
-// plan (which becomes active), the next one of a plan just charged, or none with the reason the
-// plan is invalid.
+// setPlanScheduleQuery stores the Go-computed due dates $2 of cron plans $1: when $4 is null, the
+// first date of a pending plan, which becomes active; when $4 is the time of the run that has just
+// charged them, the date of their next installment, to which they advance. A null date marks the
+// plan invalid with the reason $3 (a charge already made stands).
 const setPlanScheduleQuery = `
 update billing.installment_plans p
-   set next_due_at   = u.next_due_at,
-       status        = case when u.next_due_at is null then 'invalid'
-                            when p.status = 'schedule_pending' then 'active' else p.status end,
-       status_reason = coalesce(u.reason, p.status_reason),
-       updated_at    = now()
+   set next_installment = p.next_installment + case when $4::timestamptz is null then 0 else 1 end,
+       next_due_at      = u.next_due_at,
+       status           = case when u.next_due_at is null then 'invalid'
+                               when p.status = 'schedule_pending' then 'active' else p.status end,
+       status_reason    = coalesce(u.reason, p.status_reason),
+       updated_at       = now()
   from unnest($1::bigint[], $2::timestamptz[], $3::text[]) as u (id, next_due_at, reason)
  where p.id = u.id`
 
-// setRuleScheduleQuery is setPlanScheduleQuery for scheduled top-up rules.
+// setRuleScheduleQuery is setPlanScheduleQuery for scheduled top-up rules: a non-null $4 records
+// that they fired then.
 const setRuleScheduleQuery = `
 update billing.topup_rules r
-   set next_due_at   = u.next_due_at,
+   set fired_count   = r.fired_count + case when $4::timestamptz is null then 0 else 1 end,
+       last_fired_at = coalesce($4, r.last_fired_at),
+       next_due_at   = u.next_due_at,
        status        = case when u.next_due_at is null then 'invalid'
                             when r.status = 'schedule_pending' then 'active' else r.status end,
        status_reason = coalesce(u.reason, r.status_reason),
@@ -392,7 +413,7 @@ func (d *Due) schedulePendingBatch(ctx context.Context, cur *dueCursor, fs first
 		if locked == 0 {
 			return nil
 		}
-		if _, err := tx.Exec(ctx, fs.store, nd.ids, nd.next, nd.reasons); err != nil {
+		if _, err := tx.Exec(ctx, fs.store, nd.ids, nd.next, nd.reasons, nil); err != nil {
 			return fmt.Errorf("store first due dates of %s: %w", fs.what, err)
 		}
 		res.Scheduled, res.Invalid = locked-nd.invalid, nd.invalid
@@ -420,9 +441,14 @@ const lockedRow = `
 select 'locked', (select max(d.id) from due d where d.next_due_at = m.at), m.at, null, null, (select count(*) from due)
   from (select max(next_due_at) as at from due) m`
 
-// dueRow is one output row of a batch statement: kind "charge" (id is a new charge), "next" (a
-// cron plan or rule whose next date Go computes from at), "again" (n rows advanced to a date
-// still due), or "locked" (n rows locked, the last key (at, id)).
+// chargedRow starts the output of the batch statements below: how many charges (and charge jobs)
+// the batch inserted.
+const chargedRow = `
+select 'charged', null::bigint, null::timestamptz, null::text, null::text, (select count(*) from charged)`
+
+// dueRow is one output row of a batch statement: kind "charged" (n charges and jobs inserted),
+// "next" (a cron plan or rule whose next date Go computes from at), "again" (n rows advanced to a
+// date still due), or "locked" (n rows locked, the last key (at, id)).
 type dueRow struct {
 	kind       string
 	id         pgtype.Int8
@@ -436,10 +462,11 @@ func (r *dueRow) dest() []any { return []any{&r.kind, &r.id, &r.at, &r.expr, &r.
 // dueInstallmentsQuery charges one batch of due installments in one statement: it locks the
 // plans due at $1 after the cursor ($2, $3), at most $4, skipping plans another run holds;
 // inserts each plan's next installment as a charge (period = installment number, amount from the
-// split, due_at = the installment's date); and advances each plan to its next installment, or
-// completes it after the last. A monthly plan's next date is computed here; a cron plan's is
-// computed in Go and stored by setPlanScheduleQuery in the same transaction.
-const dueInstallmentsQuery = `
+// split, due_at = the installment's date) and its charge job; and advances each plan to its next
+// installment, or completes it after the last. A monthly plan's next date is computed here; a
+// cron plan's is computed in Go and stored with its advance by setPlanScheduleQuery, in the same
+// transaction.
+var dueInstallmentsQuery = `
 with due as (
     select p.id, p.customer_id, p.currency, p.description, p.total_amount, p.installment_count,
            p.remainder_installment, p.next_installment, p.next_due_at, p.schedule_kind,
@@ -460,28 +487,28 @@ charged as (
            d.next_due_at
       from due d
         on conflict (source, source_id, period) do nothing
-    returning id, source_id
-),
+    returning id
+),` + chargeJobsCTE + `,
 advanced as (
+    -- Monthly plans, and plans at their last installment; a cron plan with installments to come
+    -- is advanced by setPlanScheduleQuery, with its next date, in one update rather than two.
     -- By primary key, not as a join with due: the planner would hash the whole table.
     update billing.installment_plans p
        set next_installment = p.next_installment + 1,
            status = case when p.next_installment >= p.installment_count then 'completed' else 'active' end,
            next_due_at = case
                when p.next_installment >= p.installment_count then null
-               when p.schedule_kind = 'monthly'
-                   then billing.monthly_due_on(p.first_month, p.due_time, p.time_zone, p.anchor_day, p.next_installment + 1)
-               else p.next_due_at
+               else billing.monthly_due_on(p.first_month, p.due_time, p.time_zone, p.anchor_day, p.next_installment + 1)
            end,
            updated_at = now()
-     where p.id = any (array(select d.id from due d))
+     where p.id = any (array(select d.id from due d
+                              where d.schedule_kind = 'monthly' or d.next_installment >= d.installment_count))
     returning p.next_due_at
 )
--- One row per new charge, one per cron plan whose next date Go computes, one with how many
--- monthly plans are still due after their advance, and one with the count and the last key of
--- the locked plans. No join: CTEs have no indexes, and a nested loop
--- over two batch-sized CTEs is quadratic.
-select 'charge', c.id, null::timestamptz, null::text, null::text, null::bigint from charged c
+-- One row with the count of new charges, one per cron plan whose next date Go computes, one with
+-- how many monthly plans are still due after their advance, and one with the count and the last
+-- key of the locked plans. No join: CTEs have no indexes, and a nested loop over two batch-sized
+-- CTEs is quadratic.` + chargedRow + `
 union all
 select 'next', d.id, d.next_due_at, d.cron_expr, d.time_zone, null
   from due d where d.schedule_kind = 'cron' and d.next_installment < d.installment_count
@@ -489,18 +516,37 @@ union all
 select 'again', null, null, null, null, (select count(*) from advanced a where a.next_due_at <= $1)
 union all` + lockedRow
 
-// installmentsBatch charges one batch of due installments (dueInstallmentsQuery), stores the next
-// due dates of its cron plans, and inserts the charge jobs, in one transaction.
+// installmentsBatch charges one batch of due installments with their charge jobs
+// (dueInstallmentsQuery) and stores the next due dates of its cron plans, in one transaction.
 func (d *Due) installmentsBatch(ctx context.Context, now time.Time, cur *dueCursor) (DueResult, int, error) {
-	var charged []int64
-	var locked, invalid int
-	var statement, jobsTook time.Duration
+	res, locked, err := d.chargeBatch(ctx, now, cur, dueInstallmentsQuery, setPlanScheduleQuery, "plan_id")
+	if err != nil {
+		return DueResult{}, 0, fmt.Errorf("charge due installments: %w", err)
+	}
+	metrics.DueCharges.WithLabelValues("installment").Add(float64(res.charged))
+	return DueResult{Installments: res.charged, Invalid: res.invalid, Batches: min(locked, 1)}, locked, nil
+}
+
+// batchOutcome is what one batch statement of installments or scheduled top-ups did.
+type batchOutcome struct{ charged, invalid int }
+
+// chargeBatch runs one batch statement (dueInstallmentsQuery or dueScheduledTopupsQuery) at now
+// from cur, computes in Go the next due dates of the cron schedules it names and advances those
+// rows to them with store (setPlanScheduleQuery or setRuleScheduleQuery), and notifies River of
+// the new charge jobs, in one transaction. It advances cur and reports how many rows the batch
+// locked.
+func (d *Due) chargeBatch(ctx context.Context, now time.Time, cur *dueCursor, query, store, idLogKey string) (batchOutcome, int, error) {
+	var (
+		out    batchOutcome
+		locked int
+		next   dueCursor
+	)
 	start := time.Now()
 	err := d.inTx(ctx, func(tx pgx.Tx) error {
-		charged, locked, invalid = charged[:0], 0, 0
-		rows, err := tx.Query(ctx, dueInstallmentsQuery, now, cur.at, cur.id, d.BatchSize)
+		out, locked, next = batchOutcome{}, 0, *cur
+		rows, err := tx.Query(ctx, query, now, cur.at, cur.id, d.BatchSize)
 		if err != nil {
-			return fmt.Errorf("charge due installments: %w", err)
+			return err
 		}
 		var (
 			nd        nextDue
@@ -509,57 +555,55 @@ func (d *Due) installmentsBatch(ctx context.Context, now time.Time, cur *dueCurs
 		)
 		_, err = pgx.ForEachRow(rows, r.dest(), func() error {
 			switch r.kind {
-			case "charge":
-				charged = append(charged, r.id.Int64)
+			case "charged":
+				out.charged = int(r.n.Int64)
 			case "next":
 				s, perr := schedules.get(r.expr.String, r.zone.String)
-				var next time.Time
+				var at time.Time
 				if perr == nil {
-					next = s.Next(r.at.Time)
+					at = s.Next(r.at.Time)
 				}
-				nd.add(r.id.Int64, next, perr, "further ", d.Logger, "plan_id")
-				if !next.IsZero() && !next.After(now) {
-					cur.again = true
+				nd.add(r.id.Int64, at, perr, "further ", d.Logger, idLogKey)
+				if !at.IsZero() && !at.After(now) {
+					next.again = true
 				}
 			case "again":
 				if r.n.Int64 > 0 {
-					cur.again = true
+					next.again = true
 				}
 			case "locked":
 				locked = int(r.n.Int64)
 				if locked > 0 {
-					cur.advance(r.at.Time, r.id.Int64)
+					next.advance(r.at.Time, r.id.Int64)
 				}
 			}
 			return nil
 		})
 		if err != nil {
-			return fmt.Errorf("charge due installments: %w", err)
+			return err
 		}
 		if len(nd.ids) > 0 {
-			if _, err := tx.Exec(ctx, setPlanScheduleQuery, nd.ids, nd.next, nd.reasons); err != nil {
+			if _, err := tx.Exec(ctx, store, nd.ids, nd.next, nd.reasons, now); err != nil {
 				return fmt.Errorf("store next due dates: %w", err)
 			}
 		}
-		invalid = nd.invalid
-		statement = time.Since(start)
-		err = d.insertChargeJobs(ctx, tx, charged)
-		jobsTook = time.Since(start) - statement
-		return err
+		out.invalid = nd.invalid
+		return notifyJobs(ctx, tx, out.charged)
 	})
-	if err != nil || locked == 0 {
-		return DueResult{}, 0, err
+	if err != nil {
+		return batchOutcome{}, 0, err
 	}
-	d.Logger.Debug("due batch committed", "source", "installment", "locked", locked, "charges", len(charged),
-		"statement", statement, "jobs", jobsTook, "commit", time.Since(start)-statement-jobsTook)
-	metrics.DueCharges.WithLabelValues("installment").Add(float64(len(charged)))
-	return DueResult{Installments: len(charged), Invalid: invalid, Batches: 1}, locked, nil
+	*cur = next
+	if locked > 0 {
+		d.Logger.Debug("due batch committed", "locked", locked, "charges", out.charged, "took", time.Since(start))
+	}
+	return out, locked, nil
 }
 
 // dueScheduledTopupsQuery is dueInstallmentsQuery for scheduled top-up rules: each occurrence of
 // the rule's schedule is charged once (period = the rule's firing sequence number), and the next
-// occurrence is computed in Go.
-const dueScheduledTopupsQuery = `
+// occurrence is computed in Go and stored by setRuleScheduleQuery.
+var dueScheduledTopupsQuery = `
 with due as (
     select r.id, r.customer_id, r.currency, r.description, r.fired_count, r.fixed_amount,
            r.next_due_at, r.cron_expr, r.time_zone
@@ -575,74 +619,23 @@ charged as (
     select d.customer_id, 'topup', d.id, (d.fired_count + 1)::text, d.fixed_amount, d.currency, d.description, d.next_due_at
       from due d
         on conflict (source, source_id, period) do nothing
-    returning id, source_id
-),
-fired as (
-    update billing.topup_rules r
-       set fired_count = r.fired_count + 1, last_fired_at = $1, updated_at = now()
-     where r.id = any (array(select d.id from due d))
-)
--- As in dueInstallmentsQuery: no join of two CTEs.
-select 'charge', c.id, null::timestamptz, null::text, null::text, null::bigint from charged c
+    returning id
+),` + chargeJobsCTE + `
+-- As in dueInstallmentsQuery: no join of two CTEs. The rules are advanced by
+-- setRuleScheduleQuery, with their next occurrences.` + chargedRow + `
 union all
 select 'next', d.id, d.next_due_at, d.cron_expr, d.time_zone, null from due d
 union all` + lockedRow
 
-// scheduledTopupsBatch charges one batch of due scheduled top-ups and stores their next
-// occurrences, in one transaction with their charge jobs.
+// scheduledTopupsBatch charges one batch of due scheduled top-ups with their charge jobs and
+// stores their next occurrences, in one transaction.
 func (d *Due) scheduledTopupsBatch(ctx context.Context, now time.Time, cur *dueCursor) (DueResult, int, error) {
-	var charged []int64
-	var locked, invalid int
-	err := d.inTx(ctx, func(tx pgx.Tx) error {
-		charged, locked, invalid = charged[:0], 0, 0
-		rows, err := tx.Query(ctx, dueScheduledTopupsQuery, now, cur.at, cur.id, d.BatchSize)
-		if err != nil {
-			return fmt.Errorf("charge scheduled top-ups: %w", err)
-		}
-		var (
-			nd        nextDue
-			r         dueRow
-			schedules = scheduleCache{}
-		)
-		_, err = pgx.ForEachRow(rows, r.dest(), func() error {
-			switch r.kind {
-			case "charge":
-				charged = append(charged, r.id.Int64)
-			case "next":
-				s, perr := schedules.get(r.expr.String, r.zone.String)
-				var next time.Time
-				if perr == nil {
-					next = s.Next(r.at.Time)
-				}
-				nd.add(r.id.Int64, next, perr, "further ", d.Logger, "topup_rule_id")
-				if !next.IsZero() && !next.After(now) {
-					cur.again = true
-				}
-			case "locked":
-				locked = int(r.n.Int64)
-				if locked > 0 {
-					cur.advance(r.at.Time, r.id.Int64)
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return fmt.Errorf("charge scheduled top-ups: %w", err)
-		}
-		if locked == 0 {
-			return nil
-		}
-		if _, err := tx.Exec(ctx, setRuleScheduleQuery, nd.ids, nd.next, nd.reasons); err != nil {
-			return fmt.Errorf("store next due dates: %w", err)
-		}
-		invalid = nd.invalid
-		return d.insertChargeJobs(ctx, tx, charged)
-	})
-	if err != nil || locked == 0 {
-		return DueResult{}, 0, err
+	res, locked, err := d.chargeBatch(ctx, now, cur, dueScheduledTopupsQuery, setRuleScheduleQuery, "topup_rule_id")
+	if err != nil {
+		return DueResult{}, 0, fmt.Errorf("charge scheduled top-ups: %w", err)
 	}
-	metrics.DueCharges.WithLabelValues("topup").Add(float64(len(charged)))
-	return DueResult{Topups: len(charged), Invalid: invalid, Batches: 1}, locked, nil
+	metrics.DueCharges.WithLabelValues("topup").Add(float64(res.charged))
+	return DueResult{Topups: res.charged, Invalid: res.invalid, Batches: min(locked, 1)}, locked, nil
 }
 
 // thresholdEligible is the firing condition of a threshold rule r at $1, with its customer's
@@ -674,9 +667,9 @@ select r.id
    for update of r skip locked`
 
 // fireThresholdTopupsQuery fires the locked rules $2 that are still ready at $1: a charge of
-// target - balance (or the fixed amount), period = the firing's sequence number, and the rule's
-// count and last firing time advanced.
-const fireThresholdTopupsQuery = `
+// target - balance (or the fixed amount), period = the firing's sequence number, with its charge
+// job, and the rule's count and last firing time advanced. It returns how many charges it made.
+var fireThresholdTopupsQuery = `
 with due as (
     select r.id, r.customer_id, r.currency, r.description, r.fired_count,
            coalesce(r.fixed_amount, r.target_amount - b.amount) as amount
@@ -690,22 +683,22 @@ charged as (
       from due d
         on conflict (source, source_id, period) do nothing
     returning id
-),
+),` + chargeJobsCTE + `,
 fired as (
     update billing.topup_rules r
        set fired_count = r.fired_count + 1, last_fired_at = $1, updated_at = now()
      where r.id = any (array(select d.id from due d))
 )
-select id from charged`
+select count(*) from charged`
 
 // thresholdTopupsBatch fires one batch of threshold top-up rules, in one transaction with their
 // charge jobs. Rules are walked once per run by id: a rule that fired has an open top-up, so it
 // cannot fire again in the same run.
 func (d *Due) thresholdTopupsBatch(ctx context.Context, now time.Time, cur *dueCursor) (DueResult, int, error) {
-	var charged []int64
-	var locked int
+	var charged, locked int
+	var last int64
 	err := d.inTx(ctx, func(tx pgx.Tx) error {
-		charged, locked = charged[:0], 0
+		charged, locked = 0, 0
 		rows, err := tx.Query(ctx, lockThresholdTopupsQuery, now, cur.id, d.BatchSize)
 		if err != nil {
 			return fmt.Errorf("lock threshold top-up rules: %w", err)
@@ -718,20 +711,16 @@ func (d *Due) thresholdTopupsBatch(ctx context.Context, now time.Time, cur *dueC
 		if locked == 0 {
 			return nil
 		}
-		cur.id = ids[len(ids)-1]
-		rows, err = tx.Query(ctx, fireThresholdTopupsQuery, now, ids)
-		if err != nil {
+		last = ids[len(ids)-1]
+		if err := tx.QueryRow(ctx, fireThresholdTopupsQuery, now, ids).Scan(&charged); err != nil {
 			return fmt.Errorf("fire threshold top-ups: %w", err)
 		}
-		charged, err = pgx.CollectRows(rows, pgx.RowTo[int64])
-		if err != nil {
-			return fmt.Errorf("fire threshold top-ups: %w", err)
-		}
-		return d.insertChargeJobs(ctx, tx, charged)
+		return notifyJobs(ctx, tx, charged)
 	})
 	if err != nil || locked == 0 {
 		return DueResult{}, 0, err
 	}
-	metrics.DueCharges.WithLabelValues("topup").Add(float64(len(charged)))
-	return DueResult{Topups: len(charged), Batches: 1}, locked, nil
+	cur.id = last
+	metrics.DueCharges.WithLabelValues("topup").Add(float64(charged))
+	return DueResult{Topups: charged, Batches: 1}, locked, nil
 }

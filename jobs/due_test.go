@@ -27,21 +27,17 @@ import (
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
 
 type dueFixture struct {
-	pool   *pgxpool.Pool
-	client *river.Client[pgx.Tx]
-	due    *jobs.Due
+	pool *pgxpool.Pool
+	due  *jobs.Due
 }
 
-// setupDue returns a fresh database with a customer "alice", an insert-only River client and a
-// due computation on them.
+// setupDue returns a fresh database with a customer "alice" and a due computation on it.
 func setupDue(t *testing.T) *dueFixture {
 	t.Helper()
 	pool := dbtest.NewPool(t)
-	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{Logger: quiet})
-	require.NoError(t, err)
 	dbtest.NewCustomer(t, pool, dbtest.CustomerOpts{Ref: "alice"})
-	return &dueFixture{pool: pool, client: client, due: &jobs.Due{
-		Pool: pool, Client: client, Logger: slog.New(slog.NewTextHandler(t.Output(), nil)), BatchSize: 50, Workers: 1,
+	return &dueFixture{pool: pool, due: &jobs.Due{
+		Pool: pool, Logger: slog.New(slog.NewTextHandler(t.Output(), nil)), BatchSize: 50, Workers: 1,
 	}}
 }
 
@@ -295,6 +291,93 @@ func TestDueIsAtomicWithItsJobs(t *testing.T) {
 	require.Equal(t, 3, requireOneJobPerCharge(t, f.pool))
 }
 
+// chargeRecorder is a ChargeArgs worker that records the charges it is given, in place of the
+// charge worker: it proves that the due computation's jobs are River's.
+type chargeRecorder struct {
+	river.WorkerDefaults[jobs.ChargeArgs]
+	mu  sync.Mutex
+	ids map[int64]int
+}
+
+func (w *chargeRecorder) Work(_ context.Context, job *river.Job[jobs.ChargeArgs]) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.ids[job.Args.ChargeID]++
+	return nil
+}
+
+// TestDueJobsRunAsRiverJobs checks the charge jobs that the due computation inserts in SQL
+// against River: each is announced on River's insert channel, carries ChargeArgs' queue and
+// attempt limit, and is fetched and worked by a River client once, with the charge it names.
+func TestDueJobsRunAsRiverJobs(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := setupDue(t)
+	f.exec(t, `select billing.create_installment_plan('alice', 'Sofa', 900, 'usd', 3, anchor_day => 1, starts_at => now())`)
+	f.exec(t, `select billing.set_balance('alice', 'usd', 0)`)
+	f.exec(t, `select billing.create_topup_rule('alice', 'Credit', 'usd', threshold_amount => 100, target_amount => 500)`)
+	f.exec(t, `select billing.create_topup_rule('alice', 'Monthly', 'usd', fixed_amount => 700, cron_expr => '0 9 1 * *')`)
+
+	// River's producers listen on this channel; the due computation must wake them.
+	conn, err := f.pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer func() {
+		_, _ = conn.Exec(ctx, "unlisten *")
+		conn.Release()
+	}()
+	var channel string
+	require.NoError(t, conn.QueryRow(ctx, `select billing.river_insert_channel()`).Scan(&channel))
+	_, err = conn.Exec(ctx, "listen "+pgx.Identifier{channel}.Sanitize())
+	require.NoError(t, err)
+
+	// Two months and more on: two or three installments, and a threshold top-up with two or
+	// three scheduled ones.
+	res := f.run(t, time.Now().AddDate(0, 2, 5))
+	require.GreaterOrEqual(t, res.Installments, 2)
+	require.GreaterOrEqual(t, res.Topups, 3)
+	require.Equal(t, res.Installments+res.Topups, requireOneJobPerCharge(t, f.pool))
+
+	waitCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	note, err := conn.Conn().WaitForNotification(waitCtx)
+	require.NoError(t, err, "no notification on %s", channel)
+	require.JSONEq(t, `{"queue":"`+jobs.QueueCharges+`"}`, note.Payload)
+
+	opts := jobs.ChargeArgs{}.InsertOpts()
+	var wrongOpts int
+	require.NoError(t, f.pool.QueryRow(ctx, `select count(*) from river_job where kind = $1
+		and (queue <> $2 or max_attempts <> $3 or state <> 'available' or priority <> 1)`,
+		jobs.ChargeArgs{}.Kind(), opts.Queue, opts.MaxAttempts).Scan(&wrongOpts))
+	require.Zero(t, wrongOpts, "charge jobs unlike ChargeArgs.InsertOpts")
+
+	rec := &chargeRecorder{ids: map[int64]int{}}
+	workers := river.NewWorkers()
+	river.AddWorker(workers, rec)
+	client, err := river.NewClient(riverpgxv5.New(f.pool), &river.Config{
+		Logger:  quiet,
+		Queues:  map[string]river.QueueConfig{jobs.QueueCharges: {MaxWorkers: 2}},
+		Workers: workers,
+	})
+	require.NoError(t, err)
+	require.NoError(t, client.Start(ctx))
+	defer func() { require.NoError(t, client.Stop(context.Background())) }()
+	var want []int64
+	rows, err := f.pool.Query(ctx, `select id from billing.charges order by id`)
+	require.NoError(t, err)
+	want, err = pgx.CollectRows(rows, pgx.RowTo[int64])
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		rec.mu.Lock()
+		defer rec.mu.Unlock()
+		return len(rec.ids) == len(want)
+	}, 20*time.Second, 20*time.Millisecond)
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	for _, id := range want {
+		require.Equal(t, 1, rec.ids[id], "charge %d", id)
+	}
+}
+
 func TestDueThresholdTopups(t *testing.T) {
 	t.Parallel()
 	f := setupDue(t)
@@ -471,9 +554,7 @@ func TestDueConcurrentRunsChargeOnce(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 64)
 	for r, p := range pools {
-		client, err := river.NewClient(riverpgxv5.New(p), &river.Config{Logger: quiet})
-		require.NoError(t, err)
-		due := &jobs.Due{Pool: p, Client: client, Logger: quiet, BatchSize: 7, Workers: 2}
+		due := &jobs.Due{Pool: p, Logger: quiet, BatchSize: 7, Workers: 2}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -517,9 +598,7 @@ func TestDueConcurrentRunsChargeOnce(t *testing.T) {
 		require.NoError(t, err)
 	}
 	// A last run at the end, after everything settled, from one replica.
-	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{Logger: quiet})
-	require.NoError(t, err)
-	_, err = (&jobs.Due{Pool: pool, Client: client, Logger: quiet, BatchSize: 7}).Run(ctx, end)
+	_, err := (&jobs.Due{Pool: pool, Logger: quiet, BatchSize: 7}).Run(ctx, end)
 	require.NoError(t, err)
 
 	paris, newYork := mustZone(t, "Europe/Paris"), mustZone(t, "America/New_York")

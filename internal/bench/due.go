@@ -278,7 +278,7 @@ func Due(ctx context.Context, srv *Server, logger *slog.Logger, o DueOptions, w 
 	}
 	fmt.Fprint(w, line("before", before))
 
-	due := &jobs.Due{Pool: pool, Client: client, Logger: logger, BatchSize: o.Batch, Workers: o.Workers}
+	due := &jobs.Due{Pool: pool, Logger: logger, BatchSize: o.Batch, Workers: o.Workers}
 	stopHeap := heapPeak()
 	cpu := startCPU(ctx, pool)
 	t2 := time.Now()

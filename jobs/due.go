@@ -102,6 +102,8 @@ type Due struct {
 	Logger    *slog.Logger
 	BatchSize int // rows per transaction; at least 1
 	Workers   int // batch transactions in flight at once; 0 means 1
+	// ProgressEvery is how often a long run logs its progress; 0 means every 10 seconds.
+	ProgressEvery time.Duration
 }
 
 // DueResult counts what one run did.
@@ -131,6 +133,8 @@ func (d *Due) Run(ctx context.Context, now time.Time) (DueResult, error) {
 	}
 	start := time.Now()
 	var total DueResult
+	progress := &dueProgress{}
+	defer d.logProgress(progress, start)()
 	phases := []struct {
 		name  string
 		batch func(context.Context, time.Time, *dueCursor) (DueResult, int, error)
@@ -143,7 +147,8 @@ func (d *Due) Run(ctx context.Context, now time.Time) (DueResult, error) {
 		{"threshold top-ups", d.thresholdTopupsBatch, false},
 	}
 	for _, p := range phases {
-		res, err := d.drain(ctx, now, p.batch, p.multi)
+		progress.phase(p.name)
+		res, err := d.drain(ctx, now, p.batch, p.multi, progress)
 		total.add(res)
 		if err != nil {
 			d.Logger.Error("due computation failed", "phase", p.name, "error", err,
@@ -156,6 +161,58 @@ func (d *Due) Run(ctx context.Context, now time.Time) (DueResult, error) {
 		"scheduled", total.Scheduled, "invalid", total.Invalid,
 		"batches", total.Batches, "duration", time.Since(start).Round(time.Millisecond))
 	return total, nil
+}
+
+// dueProgress is what a run has done so far, for its progress lines.
+type dueProgress struct {
+	mu      sync.Mutex
+	current string
+	done    DueResult
+}
+
+func (p *dueProgress) phase(name string) {
+	p.mu.Lock()
+	p.current = name
+	p.mu.Unlock()
+}
+
+func (p *dueProgress) add(r DueResult) {
+	p.mu.Lock()
+	p.done.add(r)
+	p.mu.Unlock()
+}
+
+// logProgress logs what the run has done every ProgressEvery until the returned function is
+// called, so that an operator watching a long catch-up sees it advance.
+func (d *Due) logProgress(p *dueProgress, start time.Time) (stop func()) {
+	every := d.ProgressEvery
+	if every <= 0 {
+		every = 10 * time.Second
+	}
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				p.mu.Lock()
+				phase, r := p.current, p.done
+				p.mu.Unlock()
+				elapsed := time.Since(start)
+				d.Logger.Info("due computation in progress", "phase", phase,
+					"installments", r.Installments, "topups", r.Topups, "batches", r.Batches,
+					"charges_per_second", int(float64(r.Installments+r.Topups)/elapsed.Seconds()),
+					"elapsed", elapsed.Round(time.Second))
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
 }
 
 // dueCursor is a keyset position: batches walk rows in (at, id) order. again records that a
@@ -178,7 +235,7 @@ func (c *dueCursor) advance(at time.Time, id int64) {
 // skipped (SKIP LOCKED), so workers never wait on each other. With multi, a pass that left rows
 // due again (a plan several periods behind advances one period per batch) is followed by another
 // from the start, since those rows may lie behind the cursor.
-func (d *Due) drain(ctx context.Context, now time.Time, batch func(context.Context, time.Time, *dueCursor) (DueResult, int, error), multi bool) (DueResult, error) {
+func (d *Due) drain(ctx context.Context, now time.Time, batch func(context.Context, time.Time, *dueCursor) (DueResult, int, error), multi bool, progress *dueProgress) (DueResult, error) {
 	workers := max(d.Workers, 1)
 	var (
 		mu       sync.Mutex
@@ -196,6 +253,7 @@ func (d *Due) drain(ctx context.Context, now time.Time, batch func(context.Conte
 			var cur dueCursor
 			for ctx.Err() == nil {
 				res, locked, err := batch(ctx, now, &cur)
+				progress.add(res)
 				mu.Lock()
 				total.add(res)
 				if err != nil && firstErr == nil {

@@ -1,6 +1,7 @@
 package jobs_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -264,6 +265,22 @@ func TestDueBatchesAreBounded(t *testing.T) {
 		require.Equal(t, []int{1, 2}, []int{got[0].Period, got[1].Period})
 	}
 	require.Equal(t, 50, requireOneJobPerCharge(t, f.pool))
+}
+
+// TestDueLogsProgress checks that a long run reports its progress while it works: the phase
+// and what it has charged so far.
+func TestDueLogsProgress(t *testing.T) {
+	t.Parallel()
+	f := setupDue(t)
+	f.exec(t, `select billing.create_installment_plan('alice', 'Plan ' || i, 1200, 'usd', 12, anchor_day => 1, starts_at => '2025-01-01')
+		from generate_series(1, 30) i`)
+	var log bytes.Buffer
+	due := &jobs.Due{Pool: f.pool, Logger: slog.New(slog.NewTextHandler(&log, nil)), BatchSize: 1, ProgressEvery: time.Millisecond}
+	res, err := due.Run(context.Background(), utc("2025-01-15T00:00:00Z"))
+	require.NoError(t, err)
+	require.Equal(t, 30, res.Installments)
+	require.Contains(t, log.String(), `msg="due computation in progress" phase=installments installments=`)
+	require.Contains(t, log.String(), `msg="due computation finished" installments=30`)
 }
 
 // TestDueIsAtomicWithItsJobs injects a failure into the charge jobs' insert: the batch's charges

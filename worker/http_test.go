@@ -82,7 +82,7 @@ func TestMetricsAndRiverUI(t *testing.T) {
 
 	status, body := get(t, base+"/metrics")
 	require.Equal(t, http.StatusOK, status)
-	require.Contains(t, body, `billingd_charges{currency="usd",status="pending"} 2`)
+	require.Contains(t, body, `billingd_open_charges{currency="usd",status="pending"} 2`)
 	require.Contains(t, body, `billingd_database_up 1`)
 	require.Contains(t, body, `go_goroutines`)
 	require.NotContains(t, body, "sk_test_metrics")

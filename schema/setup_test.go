@@ -97,6 +97,59 @@ func TestStartSetupCreatesCustomerSessionAndJob(t *testing.T) {
 	require.Equal(t, "jpy", currency)
 }
 
+// TestJobsFromSQLIgnoreTheCallersSearchPath calls the SQL functions that insert River jobs from a
+// session whose search_path does not name River's schema, as an application with a schema of its
+// own connects: the jobs land in River's table and River's producers are notified on River's
+// channel. (Until migration 00600 billing.start_setup failed there: river_job did not exist.)
+func TestJobsFromSQLIgnoreTheCallersSearchPath(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := dbtest.NewPool(t)
+	dbtest.NewCustomer(t, pool, dbtest.CustomerOpts{Ref: "acme"})
+	_, err := pool.Exec(ctx, `select billing.create_installment_plan('acme', 'Sofa', 900, 'usd', 3, anchor_day => 1, starts_at => now())`)
+	require.NoError(t, err) // acme is billed in usd
+	var channel string
+	require.NoError(t, pool.QueryRow(ctx, `select billing.river_insert_channel()`).Scan(&channel))
+	listener, err := pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer func() {
+		_, _ = listener.Exec(ctx, "unlisten *")
+		listener.Release()
+	}()
+	_, err = listener.Exec(ctx, "listen "+pgx.Identifier{channel}.Sanitize())
+	require.NoError(t, err)
+
+	app, err := pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer app.Release()
+	_, err = app.Exec(ctx, `create schema app; set search_path = app`)
+	require.NoError(t, err)
+	defer func() { _, _ = app.Exec(ctx, `reset search_path`) }()
+
+	var setup, charge int64
+	require.NoError(t, app.QueryRow(ctx, `select billing.start_setup('user-7', 'ada@example.com', 'adhoc', 'v1')`).Scan(&setup))
+	require.NoError(t, app.QueryRow(ctx, `select billing.enqueue_charge('acme', 500, 'usd', 'Fee', 'finance')`).Scan(&charge))
+	// The recovery trigger, from the same session: a charge with an open recovery session is
+	// canceled, which inserts an expire_recovery job.
+	_, err = app.Exec(ctx, `insert into billing.recoveries (charge_id, token, reason) values ($1, repeat('t', 32), 'declined')`, charge)
+	require.NoError(t, err)
+	_, err = app.Exec(ctx, `insert into billing.recovery_sessions (charge_id, round, seq, checkout_session_id, url, expires_at, idempotency_key)
+		values ($1, 1, 1, 'cs_test_7', 'https://checkout.stripe.com/c/pay/cs_test_7', now() + interval '1 day', 'k-7')`, charge)
+	require.NoError(t, err)
+	_, err = app.Exec(ctx, `select billing.cancel_charge($1, 'duplicate', 'finance')`, charge)
+	require.NoError(t, err)
+
+	var kinds []string
+	require.NoError(t, pool.QueryRow(ctx, `select array_agg(kind order by kind) from river_job`).Scan(&kinds))
+	require.Equal(t, []string{"charge", "expire_recovery", "start_setup"}, kinds)
+	for range 3 {
+		waitCtx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_, err := listener.Conn().WaitForNotification(waitCtx)
+		cancel()
+		require.NoError(t, err, "a job inserted from SQL was not announced on %s", channel)
+	}
+}
+
 func TestStartSetupRejectsBadInputAndWritesNothing(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()

@@ -124,6 +124,14 @@ func newEnv(t testing.TB, o envOpts) *env {
 	return e
 }
 
+// installation returns the environment's installation id (billing.installation).
+func (e *env) installation() string {
+	e.t.Helper()
+	id, err := e.Deps.Installation(context.Background())
+	require.NoError(e.t, err)
+	return id
+}
+
 // start starts the River client; it is stopped when the test ends.
 func (e *env) start() {
 	e.t.Helper()
@@ -141,7 +149,7 @@ func (e *env) customer(ref, testPM string, o ...dbtest.CustomerOpts) dbtest.Cust
 	e.t.Helper()
 	ctx := context.Background()
 	sc := stripeapi.NewClient("sk_test_billingd", e.FakeURL, nil, 2) // unthrottled, for setup
-	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(ref, ref+"@example.com"))
+	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(e.installation(), ref, ref+"@example.com"))
 	require.NoError(e.t, err)
 	pm, err := e.Fake.AttachTestCard(cus.ID, testPM)
 	require.NoError(e.t, err)

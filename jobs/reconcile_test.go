@@ -27,7 +27,7 @@ func (e *env) crashedAttempt(c dbtest.Customer, amount int64, age time.Duration)
 	_, err = e.Pool.Exec(ctx, `
 		insert into billing.charge_attempts (charge_id, attempt_no, idempotency_key, payment_method_id, description, tries, started_at, last_try_at)
 		values ($1, 1, $2, $3, 'Crashed top-up', 1, now() - make_interval(secs => $4), now() - make_interval(secs => $4))`,
-		id, jobs.IdempotencyKey(id, 1), c.PaymentMethodID, age.Seconds())
+		id, jobs.IdempotencyKey(e.installation(), id, 1), c.PaymentMethodID, age.Seconds())
 	require.NoError(e.t, err)
 	return id
 }
@@ -53,7 +53,7 @@ func TestReconcileReplaysTheKeyWhileItIsKept(t *testing.T) {
 	as := e.attempts(id)
 	require.Len(t, as, 1)
 	require.Equal(t, "reconcile", *as[0].SettledBy)
-	require.Equal(t, []string{jobs.IdempotencyKey(id, 1)}, e.Front.createKeys())
+	require.Equal(t, []string{jobs.IdempotencyKey(e.installation(), id, 1)}, e.Front.createKeys())
 	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
 }
 
@@ -72,8 +72,8 @@ func TestReconcileRetriesWithANewKeyAfterTheKeyExpired(t *testing.T) {
 	require.Equal(t, "reconcile", *as[0].SettledBy)
 	require.Nil(t, as[0].PI)
 	require.Equal(t, "succeeded", as[1].Outcome)
-	require.Equal(t, jobs.IdempotencyKey(id, 2), as[1].Key)
-	require.Equal(t, []string{jobs.IdempotencyKey(id, 2)}, e.Front.createKeys(), "the expired key is never sent again")
+	require.Equal(t, jobs.IdempotencyKey(e.installation(), id, 2), as[1].Key)
+	require.Equal(t, []string{jobs.IdempotencyKey(e.installation(), id, 2)}, e.Front.createKeys(), "the expired key is never sent again")
 	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
 }
 
@@ -89,7 +89,7 @@ func TestReconcileFindsThePaymentIntentBySearch(t *testing.T) {
 	require.NoError(t, e.Pool.QueryRow(context.Background(), `select stripe_payment_method_id from billing.payment_methods where id = $1`, c.PaymentMethodID).Scan(&pmID))
 	sc := stripeapi.NewClient("sk_test_billingd", e.FakeURL, nil, 0)
 	_, err := sc.V1PaymentIntents.Create(context.Background(), stripeapi.OffSessionPaymentIntent(c.StripeID, pmID, 5100, "usd",
-		"Crashed top-up", map[string]string{"charge_id": itoa(id), "source": "adhoc", "charge_attempt": "1"}, jobs.IdempotencyKey(id, 1)))
+		"Crashed top-up", map[string]string{"charge_id": itoa(id), "source": "adhoc", "charge_attempt": "1"}, jobs.IdempotencyKey(e.installation(), id, 1)))
 	require.NoError(t, err)
 
 	e.start()

@@ -51,7 +51,8 @@ func TestChargeHappyPath(t *testing.T) {
 	require.Equal(t, "eur", pi.Currency)
 	require.Equal(t, c.StripeID, pi.Customer)
 	require.Equal(t, "Top-up 1 for happy", pi.Description)
-	require.Equal(t, map[string]string{"charge_id": itoa(id), "source": "adhoc", "charge_attempt": "1"}, pi.Metadata)
+	require.Equal(t, map[string]string{"charge_id": itoa(id), "source": "adhoc", "charge_attempt": "1",
+		"billingd_installation": e.installation()}, pi.Metadata)
 	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
 	require.Equal(t, int64(1999), e.Fake.Totals()["eur"].Collected)
 	require.Equal(t, []string{a.Key}, e.Front.createKeys())

@@ -43,6 +43,9 @@ type envOpts struct {
 	Flags []string
 	// Fake options for stripefake.New.
 	Fake []stripefake.Option
+	// SharedFake, when set, is the Stripe account instead of a new stripefake (Fake is then
+	// unused): environments given the same one are installations sharing an account.
+	SharedFake *stripefake.Server
 	// PoolConns is the pool size (default 20).
 	PoolConns int32
 	// NoRiver skips building the River client (for a test that runs the binary instead).
@@ -101,8 +104,12 @@ func newEnv(t testing.TB, o envOpts) *env {
 	require.NoError(t, err)
 	t.Cleanup(e.Pool.Close)
 
-	e.Fake = stripefake.New(o.Fake...)
-	t.Cleanup(e.Fake.Close)
+	if o.SharedFake != nil {
+		e.Fake = o.SharedFake
+	} else {
+		e.Fake = stripefake.New(o.Fake...)
+		t.Cleanup(e.Fake.Close)
+	}
 	e.Front = &front{next: e.Fake, rng: rand.New(rand.NewPCG(7, 11))}
 	srv := httptest.NewServer(e.Front)
 	t.Cleanup(srv.Close)

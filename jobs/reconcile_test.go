@@ -2,6 +2,7 @@ package jobs_test
 
 import (
 	"context"
+	"maps"
 	"testing"
 	"time"
 
@@ -180,6 +181,12 @@ func TestSettlePaymentIntentTx(t *testing.T) {
 		return known
 	}
 	goodPI := e.retrievePI(good)
+	require.Equal(t, e.installation(), goodPI.Metadata["billingd_installation"])
+	foreign := *goodPI
+	foreign.Metadata = maps.Clone(goodPI.Metadata)
+	foreign.Metadata["billingd_installation"] = "0b9e4f7a-1c2d-4e5f-8a9b-3c4d5e6f7a8b"
+	require.False(t, settle(&foreign), "another installation's PaymentIntent for its own charge of this id")
+	require.Equal(t, "processing", e.chargeState(good).Status)
 	require.True(t, settle(goodPI))
 	require.Equal(t, "succeeded", e.chargeState(good).Status)
 	a := e.attempts(good)[0]

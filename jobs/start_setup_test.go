@@ -157,8 +157,10 @@ func TestOnboardingEndToEnd(t *testing.T) {
 	require.Equal(t, "eur", cs.Currency)
 	require.Equal(t, cusID, cs.Customer)
 	require.Equal(t, open.URL, cs.URL)
+	installation, err := jobs.LoadInstallation(ctx, h.pool)
+	require.NoError(t, err)
 	require.Equal(t, map[string]string{"setup_session_id": fmt.Sprint(id), "customer_ref": "ada",
-		"usage": "installments,adhoc", "terms_version": "v1"}, cs.Metadata)
+		"usage": "installments,adhoc", "terms_version": "v1", "billingd_installation": installation}, cs.Metadata)
 
 	// The customer opens the link and saves a card, accepting the terms.
 	completeAsCustomer(t, open.URL, "pm_card_visa")

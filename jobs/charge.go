@@ -131,6 +131,10 @@ func (w *ChargeWorker) Work(ctx context.Context, job *river.Job[ChargeArgs]) err
 func (w *ChargeWorker) prepare(ctx context.Context, job *river.Job[ChargeArgs]) (*sendPlan, string, error) {
 	id := job.Args.ChargeID
 	log := w.deps.Logger.With("charge_id", id, "job_id", job.ID)
+	installation, err := w.deps.Installation(ctx)
+	if err != nil {
+		return nil, "", fmt.Errorf("charge %d: %w", id, err)
+	}
 	tx, err := w.deps.Pool.Begin(ctx)
 	if err != nil {
 		return nil, "", fmt.Errorf("begin charge %d: %w", id, err)
@@ -162,7 +166,7 @@ func (w *ChargeWorker) prepare(ctx context.Context, job *river.Job[ChargeArgs]) 
 		log.Info("charge retry not due yet; waiting", "next_attempt_at", *c.nextAttemptAt)
 		return nil, "", river.JobSnooze(time.Until(*c.nextAttemptAt) + time.Second)
 	default:
-		plan, label, err = w.begin(ctx, tx, job, c)
+		plan, label, err = w.begin(ctx, tx, job, c, installation)
 	}
 	if err != nil {
 		return nil, "", err
@@ -240,15 +244,17 @@ where id = $1`
 // consentUsage maps a charge's source to the consent usage that must cover it.
 var consentUsage = map[string]string{"installment": "installments", "topup": "topups", "adhoc": "adhoc"}
 
-// IdempotencyKey returns the Stripe idempotency key of a charge's attempt. A retry of the same
-// attempt reuses it; a new attempt gets a new one.
-func IdempotencyKey(chargeID int64, attemptNo int) string {
-	return fmt.Sprintf("billingd-charge-%d-attempt-%d", chargeID, attemptNo)
+// IdempotencyKey returns the Stripe idempotency key of a charge's attempt in installation,
+// "billingd-<installation>-charge-<charge>-attempt-<n>". A retry of the same attempt reuses it
+// (as stored with the attempt: an attempt recorded before keys named the installation keeps its
+// "billingd-charge-<charge>-attempt-<n>"); a new attempt gets a new one.
+func IdempotencyKey(installation string, chargeID int64, attemptNo int) string {
+	return stripeapi.KeyPrefix(installation) + fmt.Sprintf("charge-%d-attempt-%d", chargeID, attemptNo)
 }
 
 // begin runs the checks and records a new attempt, or sends the charge to recovery (or cancels
 // it) when a check fails.
-func (w *ChargeWorker) begin(ctx context.Context, tx pgx.Tx, job *river.Job[ChargeArgs], c *chargeRow) (*sendPlan, string, error) {
+func (w *ChargeWorker) begin(ctx context.Context, tx pgx.Tx, job *river.Job[ChargeArgs], c *chargeRow, installation string) (*sendPlan, string, error) {
 	log := w.deps.Logger.With("charge_id", c.id)
 	var (
 		consented      bool
@@ -306,7 +312,7 @@ func (w *ChargeWorker) begin(ctx context.Context, tx pgx.Tx, job *river.Job[Char
 	}
 
 	n := c.attemptCount + 1
-	key := IdempotencyKey(c.id, n)
+	key := IdempotencyKey(installation, c.id, n)
 	var attemptID int64
 	if err := tx.QueryRow(ctx, insertAttemptQuery, c.id, n, key, pmID, c.description, job.ID).Scan(&attemptID); err != nil {
 		return nil, "", fmt.Errorf("record attempt %d of charge %d: %w", n, c.id, err)
@@ -332,8 +338,12 @@ func (w *ChargeWorker) send(ctx context.Context, p *sendPlan) answer {
 // accountModel says whether customers are Accounts v2 customer-configured Accounts.
 func accountModel(d *Deps) bool { return d.Config != nil && d.Config.StripeCustomerModel == "account" }
 
+// sendPaymentIntent sends the attempt's request. Its metadata names the installation that its key
+// names, so that a replay is the same request as the first send (Stripe refuses a key reused with
+// other parameters): an attempt recorded before keys named the installation is sent again
+// without it, as it was first sent.
 func sendPaymentIntent(ctx context.Context, d *Deps, p *sendPlan) answer {
-	md := chargeMetadata(p.chargeID, p.source, p.attemptNo)
+	md := chargeMetadata(p.chargeID, p.source, p.attemptNo, stripeapi.KeyInstallation(p.key))
 	params := stripeapi.OffSessionPaymentIntent(p.customer, p.pm, p.amount, p.currency, p.description, md, p.key)
 	if p.account != "" {
 		params = stripeapi.OffSessionPaymentIntentForAccount(p.account, p.pm, p.amount, p.currency, p.description, md, p.key)

@@ -33,8 +33,8 @@ func TestChargeHappyPath(t *testing.T) {
 	require.Len(t, as, 1)
 	a := as[0]
 	require.Equal(t, 1, a.No)
-	require.Equal(t, "billingd-charge-"+itoa(id)+"-attempt-1", a.Key)
-	require.Equal(t, jobs.IdempotencyKey(id, 1), a.Key)
+	require.Equal(t, "billingd-"+e.installation()+"-charge-"+itoa(id)+"-attempt-1", a.Key)
+	require.Equal(t, jobs.IdempotencyKey(e.installation(), id, 1), a.Key)
 	require.Equal(t, "succeeded", a.Outcome)
 	require.Equal(t, 1, a.Tries)
 	require.Equal(t, 200, *a.HTTPStatus)
@@ -51,7 +51,8 @@ func TestChargeHappyPath(t *testing.T) {
 	require.Equal(t, "eur", pi.Currency)
 	require.Equal(t, c.StripeID, pi.Customer)
 	require.Equal(t, "Top-up 1 for happy", pi.Description)
-	require.Equal(t, map[string]string{"charge_id": itoa(id), "source": "adhoc", "charge_attempt": "1"}, pi.Metadata)
+	require.Equal(t, map[string]string{"charge_id": itoa(id), "source": "adhoc", "charge_attempt": "1",
+		"billingd_installation": e.installation()}, pi.Metadata)
 	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
 	require.Equal(t, int64(1999), e.Fake.Totals()["eur"].Collected)
 	require.Equal(t, []string{a.Key}, e.Front.createKeys())
@@ -271,7 +272,7 @@ func TestChargeRetryAfterSoftDecline(t *testing.T) {
 	as := e.attempts(id)
 	require.Len(t, as, 3)
 	keys := []string{as[0].Key, as[1].Key, as[2].Key}
-	require.Equal(t, []string{jobs.IdempotencyKey(id, 1), jobs.IdempotencyKey(id, 2), jobs.IdempotencyKey(id, 3)}, keys, "a new key per attempt")
+	require.Equal(t, []string{jobs.IdempotencyKey(e.installation(), id, 1), jobs.IdempotencyKey(e.installation(), id, 2), jobs.IdempotencyKey(e.installation(), id, 3)}, keys, "a new key per attempt")
 	require.Equal(t, keys, e.Front.createKeys())
 	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
 	var recovery string

@@ -43,6 +43,9 @@ type envOpts struct {
 	Flags []string
 	// Fake options for stripefake.New.
 	Fake []stripefake.Option
+	// SharedFake, when set, is the Stripe account instead of a new stripefake (Fake is then
+	// unused): environments given the same one are installations sharing an account.
+	SharedFake *stripefake.Server
 	// PoolConns is the pool size (default 20).
 	PoolConns int32
 	// NoRiver skips building the River client (for a test that runs the binary instead).
@@ -101,8 +104,12 @@ func newEnv(t testing.TB, o envOpts) *env {
 	require.NoError(t, err)
 	t.Cleanup(e.Pool.Close)
 
-	e.Fake = stripefake.New(o.Fake...)
-	t.Cleanup(e.Fake.Close)
+	if o.SharedFake != nil {
+		e.Fake = o.SharedFake
+	} else {
+		e.Fake = stripefake.New(o.Fake...)
+		t.Cleanup(e.Fake.Close)
+	}
 	e.Front = &front{next: e.Fake, rng: rand.New(rand.NewPCG(7, 11))}
 	srv := httptest.NewServer(e.Front)
 	t.Cleanup(srv.Close)
@@ -124,6 +131,14 @@ func newEnv(t testing.TB, o envOpts) *env {
 	return e
 }
 
+// installation returns the environment's installation id (billing.installation).
+func (e *env) installation() string {
+	e.t.Helper()
+	id, err := e.Deps.Installation(context.Background())
+	require.NoError(e.t, err)
+	return id
+}
+
 // start starts the River client; it is stopped when the test ends.
 func (e *env) start() {
 	e.t.Helper()
@@ -141,7 +156,7 @@ func (e *env) customer(ref, testPM string, o ...dbtest.CustomerOpts) dbtest.Cust
 	e.t.Helper()
 	ctx := context.Background()
 	sc := stripeapi.NewClient("sk_test_billingd", e.FakeURL, nil, 2) // unthrottled, for setup
-	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(ref, ref+"@example.com"))
+	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(e.installation(), ref, ref+"@example.com"))
 	require.NoError(e.t, err)
 	pm, err := e.Fake.AttachTestCard(cus.ID, testPM)
 	require.NoError(e.t, err)

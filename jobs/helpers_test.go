@@ -455,7 +455,9 @@ func (b *bundle) requireEventsProcessed(t *testing.T) {
 // declining one, for charges that go to recovery), and in billing.
 func (b *bundle) stripeCustomer(t *testing.T, ref, testPM string) dbtest.Customer {
 	t.Helper()
-	cus, err := b.stripe.V1Customers.Create(t.Context(), stripeapi.CustomerCreate(ref, ref+"@example.com"))
+	installation, err := b.deps.Installation(t.Context())
+	require.NoError(t, err)
+	cus, err := b.stripe.V1Customers.Create(t.Context(), stripeapi.CustomerCreate(installation, ref, ref+"@example.com"))
 	require.NoError(t, err)
 	pm, err := b.fake.AttachTestCard(cus.ID, testPM)
 	require.NoError(t, err)

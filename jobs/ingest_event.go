@@ -1,6 +1,7 @@
 package jobs
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -51,6 +52,10 @@ const (
 //   - checkout.session.expired: the setup or recovery session is marked expired.
 //   - any other type: recorded as ignored.
 //
+// An event whose object carries metadata billingd_installation of another installation (one
+// that shares the Stripe account) is recorded as ignored, whatever its type: its ids name that
+// installation's rows. Objects without the key are handled as before.
+//
 // Every effect is guarded by state (an event row is applied once, under a row lock; a completed
 // session is not completed again) and by the objects' own times (card details carry the event
 // time they came from), so duplicate and out-of-order deliveries change nothing twice. An event
@@ -88,6 +93,13 @@ func (w *IngestEventWorker) Work(ctx context.Context, job *river.Job[IngestEvent
 	if err := json.Unmarshal(payload, &e); err != nil || e.Data == nil {
 		return w.finish(ctx, job, &e, outcome{eventFailed, "stored payload is not an event"})
 	}
+	if other, err := w.otherInstallation(ctx, &e); err != nil {
+		return err
+	} else if other != "" {
+		w.deps.Logger.Info("webhook event about another billingd installation's object; ignored",
+			"event_id", e.ID, "event_type", string(e.Type), "object_installation", other)
+		return w.finish(ctx, job, &e, outcome{eventIgnored, "object of billingd installation " + other + ", not this one: not billingd's"})
+	}
 
 	switch e.Type {
 	case stripe.EventTypeCheckoutSessionCompleted:
@@ -103,6 +115,28 @@ func (w *IngestEventWorker) Work(ctx context.Context, job *river.Job[IngestEvent
 	default:
 		return w.finish(ctx, job, &e, outcome{eventIgnored, "event type not handled by billingd"})
 	}
+}
+
+// otherInstallation returns the installation named by the event's object (its metadata
+// billingd_installation) when that is not this one: another installation that shares the Stripe
+// account created it, and its charge_id or setup_session_id name that installation's rows, not
+// this one's. An object without the key (made before objects carried it, or not by billingd) is
+// handled as before, by its type and other metadata: "" is returned for it.
+func (w *IngestEventWorker) otherInstallation(ctx context.Context, e *stripe.Event) (string, error) {
+	md, _ := e.Data.Object["metadata"].(map[string]any)
+	v, ok := md[stripeapi.MetadataInstallation]
+	if !ok {
+		return "", nil
+	}
+	named, _ := v.(string)
+	installation, err := w.deps.Installation(ctx)
+	if err != nil {
+		return "", fmt.Errorf("ingest event %s: %w", e.ID, err)
+	}
+	if named == installation {
+		return "", nil
+	}
+	return cmp.Or(named, "(empty)"), nil
 }
 
 // finish records an outcome that needs no other write.

@@ -23,7 +23,9 @@ const (
 	QueueNotifications = "notifications"
 )
 
-// Deps is what workers share: the database, Stripe, the logger and the settings.
+// Deps is what workers share: the database, Stripe, the logger and the settings. The
+// installation id is read from the database on first use (Installation). A Deps is used through
+// its pointer, never copied.
 type Deps struct {
 	Pool   *pgxpool.Pool
 	Stripe *stripe.Client
@@ -32,6 +34,8 @@ type Deps struct {
 
 	// charging holds the charge job's settings once Register has run (SettlePaymentIntentTx).
 	charging *charging
+	// installation keeps the installation id once read (Installation).
+	installation installationCache
 }
 
 // Kinds lists the job kinds that Register adds.

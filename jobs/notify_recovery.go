@@ -49,9 +49,10 @@ func (w *notifyRecoveryWorker) Work(ctx context.Context, job *river.Job[NotifyRe
 	}
 
 	var cs *stripe.CheckoutSession
+	var key string
 	seq := s.NextSeq
 	if s.SessionSeq == 0 {
-		if cs, err = newSession(ctx, d, s, seq); err != nil {
+		if cs, key, err = newSession(ctx, d, s, seq); err != nil {
 			if isPermanentStripeError(err) {
 				log.Error("recovery session refused by Stripe", "error", err)
 				return river.JobCancel(err)
@@ -68,7 +69,7 @@ func (w *notifyRecoveryWorker) Work(ctx context.Context, job *river.Job[NotifyRe
 	client := river.ClientFromContext[pgx.Tx](ctx)
 	open := true
 	if cs != nil {
-		_, open, err = storeSessionTx(ctx, tx, client, s, seq, cs)
+		_, open, err = storeSessionTx(ctx, tx, client, s, seq, cs, key)
 	} else {
 		open, err = recoveryStillOpenTx(ctx, tx, s)
 	}

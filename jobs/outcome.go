@@ -29,7 +29,8 @@ const (
 	keyExpiredAfter = 25 * time.Hour
 )
 
-// Metadata billingd puts on every PaymentIntent besides stripeapi.MetadataChargeID.
+// Metadata billingd puts on every PaymentIntent besides stripeapi.MetadataChargeID and
+// stripeapi.MetadataInstallation.
 const (
 	// MetadataSource is the charge's source: installment, topup or adhoc.
 	MetadataSource = "source"
@@ -543,10 +544,17 @@ func firstNonEmpty(ss ...string) string {
 	return ""
 }
 
-func chargeMetadata(chargeID int64, source string, attemptNo int) map[string]string {
-	return map[string]string{
+// chargeMetadata is the metadata of an attempt's PaymentIntent: charge_id, source, charge_attempt
+// and, unless it is empty (an attempt recorded before keys named the installation),
+// billingd_installation.
+func chargeMetadata(chargeID int64, source string, attemptNo int, installation string) map[string]string {
+	md := map[string]string{
 		stripeapi.MetadataChargeID: strconv.FormatInt(chargeID, 10),
 		MetadataSource:             source,
 		MetadataAttempt:            strconv.Itoa(attemptNo),
 	}
+	if installation != "" {
+		md[stripeapi.MetadataInstallation] = installation
+	}
+	return md
 }

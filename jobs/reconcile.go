@@ -37,7 +37,9 @@ func (ReconcileArgs) InsertOpts() river.InsertOpts {
 // ReconcileWorker settles attempts from what Stripe knows, never by guessing:
 //
 //   - by the PaymentIntent's id when the attempt has one;
-//   - else by searching PaymentIntents by metadata charge_id (and charge_attempt);
+//   - else by searching PaymentIntents by metadata charge_id and billingd_installation (and
+//     charge_attempt), so that another installation's PaymentIntent for its charge of the same
+//     id, in a Stripe account that both share, is never taken for this one's;
 //   - else, while the idempotency key is surely still kept (under 23 hours), by sending the
 //     attempt's request again with its key, which returns what the first one did or does it once;
 //   - else, once the key has surely expired (over 25 hours) and search finds nothing, nothing was
@@ -212,13 +214,19 @@ func (w *ReconcileWorker) findPaymentIntent(ctx context.Context, a *attemptRow) 
 	}
 	start := time.Now()
 	want := strconv.Itoa(a.attemptNo)
+	// The installation that the attempt's key names is the one its PaymentIntent carries
+	// (sendPaymentIntent): this installation's, or none for an attempt recorded before keys and
+	// PaymentIntents named one. Such a legacy attempt is searched by charge_id alone, as before,
+	// and only PaymentIntents without an installation are taken for it.
+	installation := stripeapi.KeyInstallation(a.key)
+	search := stripeapi.PaymentIntentSearchByCharge(installation, strconv.FormatInt(a.chargeID, 10))
 	var found *stripe.PaymentIntent
-	for pi, err := range w.deps.Stripe.V1PaymentIntents.Search(ctx, stripeapi.PaymentIntentSearchByCharge(strconv.FormatInt(a.chargeID, 10))) {
+	for pi, err := range w.deps.Stripe.V1PaymentIntents.Search(ctx, search) {
 		if err != nil {
 			observeStripe("search_payment_intents", statusOf(err, 200), time.Since(start))
 			return nil, fmt.Errorf("search payment intents of charge %d: %w", a.chargeID, err)
 		}
-		if pi.Metadata[MetadataAttempt] == want {
+		if pi.Metadata[MetadataAttempt] == want && pi.Metadata[stripeapi.MetadataInstallation] == installation {
 			found = pi
 			break
 		}

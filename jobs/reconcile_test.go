@@ -2,6 +2,7 @@ package jobs_test
 
 import (
 	"context"
+	"maps"
 	"testing"
 	"time"
 
@@ -19,6 +20,16 @@ import (
 // new ad-hoc charge would: the charge processing, the attempt in flight since age ago, no job.
 func (e *env) crashedAttempt(c dbtest.Customer, amount int64, age time.Duration) int64 {
 	e.t.Helper()
+	return e.crashedAttemptWithKey(c, amount, age, func(id int64) string { return jobs.IdempotencyKey(e.installation(), id, 1) })
+}
+
+// legacyKey is the key of attempt 1 of a charge as billingd made it before keys named the
+// installation.
+func legacyKey(id int64) string { return "billingd-charge-" + itoa(id) + "-attempt-1" }
+
+// crashedAttemptWithKey is crashedAttempt with the attempt's key made by key from the charge id.
+func (e *env) crashedAttemptWithKey(c dbtest.Customer, amount int64, age time.Duration, key func(int64) string) int64 {
+	e.t.Helper()
 	ctx := context.Background()
 	var id int64
 	require.NoError(e.t, e.Pool.QueryRow(ctx, insertAdhocQuery, c.ID, amount, "usd", "Crashed top-up").Scan(&id))
@@ -27,7 +38,7 @@ func (e *env) crashedAttempt(c dbtest.Customer, amount int64, age time.Duration)
 	_, err = e.Pool.Exec(ctx, `
 		insert into billing.charge_attempts (charge_id, attempt_no, idempotency_key, payment_method_id, description, tries, started_at, last_try_at)
 		values ($1, 1, $2, $3, 'Crashed top-up', 1, now() - make_interval(secs => $4), now() - make_interval(secs => $4))`,
-		id, jobs.IdempotencyKey(id, 1), c.PaymentMethodID, age.Seconds())
+		id, key(id), c.PaymentMethodID, age.Seconds())
 	require.NoError(e.t, err)
 	return id
 }
@@ -53,7 +64,7 @@ func TestReconcileReplaysTheKeyWhileItIsKept(t *testing.T) {
 	as := e.attempts(id)
 	require.Len(t, as, 1)
 	require.Equal(t, "reconcile", *as[0].SettledBy)
-	require.Equal(t, []string{jobs.IdempotencyKey(id, 1)}, e.Front.createKeys())
+	require.Equal(t, []string{jobs.IdempotencyKey(e.installation(), id, 1)}, e.Front.createKeys())
 	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
 }
 
@@ -72,34 +83,53 @@ func TestReconcileRetriesWithANewKeyAfterTheKeyExpired(t *testing.T) {
 	require.Equal(t, "reconcile", *as[0].SettledBy)
 	require.Nil(t, as[0].PI)
 	require.Equal(t, "succeeded", as[1].Outcome)
-	require.Equal(t, jobs.IdempotencyKey(id, 2), as[1].Key)
-	require.Equal(t, []string{jobs.IdempotencyKey(id, 2)}, e.Front.createKeys(), "the expired key is never sent again")
+	require.Equal(t, jobs.IdempotencyKey(e.installation(), id, 2), as[1].Key)
+	require.Equal(t, []string{jobs.IdempotencyKey(e.installation(), id, 2)}, e.Front.createKeys(), "the expired key is never sent again")
 	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
 }
 
 // An attempt whose key expired but whose PaymentIntent exists is settled from it, never
-// charged again.
+// charged again: an attempt of this version (its key and PaymentIntent name the installation),
+// and one recorded before keys and PaymentIntents named it (found by charge_id alone).
 func TestReconcileFindsThePaymentIntentBySearch(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, envOpts{})
-	c := e.customer("found", "pm_card_visa")
-	id := e.crashedAttempt(c, 5100, 26*time.Hour)
-	// The request did reach Stripe before the crash.
-	var pmID string
-	require.NoError(t, e.Pool.QueryRow(context.Background(), `select stripe_payment_method_id from billing.payment_methods where id = $1`, c.PaymentMethodID).Scan(&pmID))
-	sc := stripeapi.NewClient("sk_test_billingd", e.FakeURL, nil, 0)
-	_, err := sc.V1PaymentIntents.Create(context.Background(), stripeapi.OffSessionPaymentIntent(c.StripeID, pmID, 5100, "usd",
-		"Crashed top-up", map[string]string{"charge_id": itoa(id), "source": "adhoc", "charge_attempt": "1"}, jobs.IdempotencyKey(id, 1)))
-	require.NoError(t, err)
+	for _, legacy := range []bool{false, true} {
+		t.Run(map[bool]string{false: "installation", true: "before installations"}[legacy], func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t, envOpts{})
+			c := e.customer("found", "pm_card_visa")
+			md := map[string]string{"source": "adhoc", "charge_attempt": "1", "billingd_installation": e.installation()}
+			key := func(id int64) string { return jobs.IdempotencyKey(e.installation(), id, 1) }
+			if legacy {
+				delete(md, "billingd_installation")
+				key = legacyKey
+			}
+			id := e.crashedAttemptWithKey(c, 5100, 26*time.Hour, key)
+			md["charge_id"] = itoa(id)
+			// The request did reach Stripe before the crash.
+			e.createPaymentIntent(c, 5100, md, key(id))
+			e.start()
+			e.waitStatus(id, "succeeded", 20*time.Second)
+			as := e.attempts(id)
+			require.Len(t, as, 1, "no second attempt")
+			require.Equal(t, "reconcile", *as[0].SettledBy)
+			require.NotNil(t, as[0].PI)
+			require.Len(t, e.Front.createKeys(), 1, "only the pre-crash request")
+			require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
+		})
+	}
+}
 
-	e.start()
-	e.waitStatus(id, "succeeded", 20*time.Second)
-	as := e.attempts(id)
-	require.Len(t, as, 1, "no second attempt")
-	require.Equal(t, "reconcile", *as[0].SettledBy)
-	require.NotNil(t, as[0].PI)
-	require.Len(t, e.Front.createKeys(), 1, "only the pre-crash request")
-	require.Equal(t, 1, e.Fake.SuccessfulCharges(itoa(id)))
+// createPaymentIntent creates at stripefake, as billingd's charge job would, a PaymentIntent for
+// c's saved card.
+func (e *env) createPaymentIntent(c dbtest.Customer, amount int64, md map[string]string, key string) *stripe.PaymentIntent {
+	e.t.Helper()
+	var pmID string
+	require.NoError(e.t, e.Pool.QueryRow(context.Background(), `select stripe_payment_method_id from billing.payment_methods where id = $1`, c.PaymentMethodID).Scan(&pmID))
+	pi, err := e.Stripe.V1PaymentIntents.Create(context.Background(), stripeapi.OffSessionPaymentIntent(c.StripeID, pmID, amount, "usd",
+		"Crashed top-up", md, key))
+	require.NoError(e.t, err)
+	return pi
 }
 
 // A search index that lags (as Stripe's does, up to a minute) never makes reconcile conclude
@@ -151,6 +181,12 @@ func TestSettlePaymentIntentTx(t *testing.T) {
 		return known
 	}
 	goodPI := e.retrievePI(good)
+	require.Equal(t, e.installation(), goodPI.Metadata["billingd_installation"])
+	foreign := *goodPI
+	foreign.Metadata = maps.Clone(goodPI.Metadata)
+	foreign.Metadata["billingd_installation"] = "0b9e4f7a-1c2d-4e5f-8a9b-3c4d5e6f7a8b"
+	require.False(t, settle(&foreign), "another installation's PaymentIntent for its own charge of this id")
+	require.Equal(t, "processing", e.chargeState(good).Status)
 	require.True(t, settle(goodPI))
 	require.Equal(t, "succeeded", e.chargeState(good).Status)
 	a := e.attempts(good)[0]

@@ -11,6 +11,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/riverqueue/river"
 	"github.com/stripe/stripe-go/v82"
+
+	"github.com/billingd/billingd/internal/stripeapi"
 )
 
 // NotifyRecoveryArgs asks for the customer of a failed charge to be told, with a link to pay
@@ -163,12 +165,16 @@ type querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// sessionIdempotencyKey is the Stripe idempotency key of a recovery session: one per charge,
-// recovery round and session number (recoveries.next_session_seq). A retried job or a racing
-// request reads the same number from the database and gets the same session; a fresh session,
-// or a retry after Stripe stored a 5xx under the key, takes the next number.
-func sessionIdempotencyKey(chargeID int64, round, seq int) string {
-	return fmt.Sprintf("billingd-recovery-%d-r%d-s%d", chargeID, round, seq)
+// sessionIdempotencyKey is the Stripe idempotency key of a recovery session of installation:
+// one per charge, recovery round and session number (recoveries.next_session_seq),
+// "billingd-<installation>-recovery-<charge>-r<round>-s<n>". A retried job or a racing request
+// reads the same number from the database and gets the same session; a fresh session, or a retry
+// after Stripe stored a 5xx under the key, takes the next number. (A session whose request was in
+// flight when billingd was upgraded from keys without the installation is made again under the
+// new key; the first one is never recorded or shown to anyone, like a session made under a spent
+// key, below.)
+func sessionIdempotencyKey(installation string, chargeID int64, round, seq int) string {
+	return stripeapi.KeyPrefix(installation) + fmt.Sprintf("recovery-%d-r%d-s%d", chargeID, round, seq)
 }
 
 // sessionMinLife is how long an open session must still have before it expires for billingd to
@@ -198,19 +204,19 @@ const openSessionQuery = `
 select checkout_session_id, url, expires_at from billing.recovery_sessions
 where charge_id = $1 and status = 'open'`
 
-// storeSessionTx records cs, created for s's round with number seq, in tx. When the recovery
+// storeSessionTx records cs, created for s's round with number seq under idempotency key key, in tx. When the recovery
 // closed or moved on since s was read, or another open session took its place, cs is recorded
 // (if it can be) and an expire_recovery job is inserted for it, so that no page nobody tracks
 // stays payable. It returns the session the customer should use: cs, or the other open one;
 // usable is false when the recovery is no longer open.
-func storeSessionTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], s recoveryState, seq int, cs *stripe.CheckoutSession) (url string, usable bool, err error) {
+func storeSessionTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], s recoveryState, seq int, cs *stripe.CheckoutSession, key string) (url string, usable bool, err error) {
 	var status string
 	var round int
 	if err := tx.QueryRow(ctx, lockRecoveryQuery, s.ChargeID).Scan(&status, &round); err != nil {
 		return "", false, fmt.Errorf("lock recovery of charge %d: %w", s.ChargeID, err)
 	}
 	_, err = tx.Exec(ctx, storeSessionQuery, s.ChargeID, s.Round, seq, cs.ID, cs.URL,
-		time.Unix(cs.ExpiresAt, 0), sessionIdempotencyKey(s.ChargeID, s.Round, seq))
+		time.Unix(cs.ExpiresAt, 0), key)
 	if err != nil {
 		return "", false, fmt.Errorf("store recovery session of charge %d: %w", s.ChargeID, err)
 	}
@@ -247,9 +253,14 @@ update billing.recoveries set next_session_seq = greatest(next_session_seq, $2 +
 // it stores under the key (the session may or may not exist, and that key will only ever replay
 // the error), the number is spent: the next try uses the next key. A session made under a spent
 // key is never recorded or shown to anyone, so nobody can pay it, and Stripe expires it in a day.
-func newSession(ctx context.Context, d *Deps, s recoveryState, seq int) (*stripe.CheckoutSession, error) {
-	key := sessionIdempotencyKey(s.ChargeID, s.Round, seq)
-	cs, err := createRecoverySession(ctx, d, s, key)
+// It returns the session and its key, which storeSessionTx records.
+func newSession(ctx context.Context, d *Deps, s recoveryState, seq int) (*stripe.CheckoutSession, string, error) {
+	installation, err := d.Installation(ctx)
+	if err != nil {
+		return nil, "", fmt.Errorf("create recovery session for charge %d: %w", s.ChargeID, err)
+	}
+	key := sessionIdempotencyKey(installation, s.ChargeID, s.Round, seq)
+	cs, err := createRecoverySession(ctx, d, s, installation, key)
 	if err != nil {
 		var serr *stripe.Error
 		if errors.As(err, &serr) && serr.HTTPStatusCode >= 500 {
@@ -257,12 +268,12 @@ func newSession(ctx context.Context, d *Deps, s recoveryState, seq int) (*stripe
 				err = errors.Join(err, dbErr)
 			}
 		}
-		return nil, fmt.Errorf("create recovery session for charge %d (round %d, session %d): %w", s.ChargeID, s.Round, seq, err)
+		return nil, "", fmt.Errorf("create recovery session for charge %d (round %d, session %d): %w", s.ChargeID, s.Round, seq, err)
 	}
 	if cs.ID == "" || cs.URL == "" || cs.ExpiresAt == 0 {
-		return nil, fmt.Errorf("recovery session for charge %d: Stripe returned a session without id, url or expiry", s.ChargeID)
+		return nil, "", fmt.Errorf("recovery session for charge %d: Stripe returned a session without id, url or expiry", s.ChargeID)
 	}
-	return cs, nil
+	return cs, key, nil
 }
 
 // recoveryKinds lists the job kinds of the recovery flow.

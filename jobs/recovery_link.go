@@ -93,7 +93,7 @@ func ResolveRecoveryLink(ctx context.Context, d *Deps, client *river.Client[pgx.
 			}
 		}
 		seq := s.NextSeq
-		cs, err := newSession(ctx, d, s, seq)
+		cs, key, err := newSession(ctx, d, s, seq)
 		if isKeyInUse(err) && try < 3 {
 			// A concurrent request is creating this very session; its answer is a moment away.
 			time.Sleep(time.Duration(200*(try+1)) * time.Millisecond)
@@ -109,7 +109,7 @@ func ResolveRecoveryLink(ctx context.Context, d *Deps, client *river.Client[pgx.
 		if err != nil {
 			return RecoveryLink{}, err
 		}
-		url, usable, err := storeSession(ctx, d, client, s, seq, cs)
+		url, usable, err := storeSession(ctx, d, client, s, seq, cs, key)
 		if err != nil {
 			return RecoveryLink{}, err
 		}
@@ -144,13 +144,13 @@ func settledOutcome(s recoveryState, window time.Duration, now time.Time) (LinkO
 }
 
 // storeSession records a fresh session in its own transaction.
-func storeSession(ctx context.Context, d *Deps, client *river.Client[pgx.Tx], s recoveryState, seq int, cs *stripe.CheckoutSession) (string, bool, error) {
+func storeSession(ctx context.Context, d *Deps, client *river.Client[pgx.Tx], s recoveryState, seq int, cs *stripe.CheckoutSession, key string) (string, bool, error) {
 	tx, err := d.Pool.Begin(ctx)
 	if err != nil {
 		return "", false, fmt.Errorf("begin: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
-	url, usable, err := storeSessionTx(ctx, tx, client, s, seq, cs)
+	url, usable, err := storeSessionTx(ctx, tx, client, s, seq, cs, key)
 	if err != nil {
 		return "", false, err
 	}

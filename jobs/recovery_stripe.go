@@ -29,11 +29,14 @@ func recoveryURLs(d *Deps) (success, cancel string) {
 
 // createRecoverySession creates a Checkout Session in mode=payment for the amount due: one line
 // item with price_data (the charge's currency and amount, its description as product name),
-// metadata charge_id on the session and its PaymentIntent, and the card saved for later
-// off-session charges.
-func createRecoverySession(ctx context.Context, d *Deps, s recoveryState, key string) (*stripe.CheckoutSession, error) {
+// metadata charge_id and billingd_installation on the session and its PaymentIntent, and the
+// card saved for later off-session charges.
+func createRecoverySession(ctx context.Context, d *Deps, s recoveryState, installation, key string) (*stripe.CheckoutSession, error) {
 	success, cancel := recoveryURLs(d)
-	md := map[string]string{stripeapi.MetadataChargeID: strconv.FormatInt(s.ChargeID, 10)}
+	md := map[string]string{
+		stripeapi.MetadataChargeID:     strconv.FormatInt(s.ChargeID, 10),
+		stripeapi.MetadataInstallation: installation,
+	}
 	params := stripeapi.RecoverySession(s.StripeCustomerID, s.Amount, s.Currency, s.Description, success, cancel, md, key)
 	if s.StripeCustomerID == "" {
 		params.Customer = nil // never saved a card with billingd: Checkout asks for everything

@@ -27,8 +27,24 @@ import (
 // that follow; nil takes the client from ctx (inside a River job). d is the Deps the workers were
 // registered with: its decline policy and settings apply.
 //
+// A PaymentIntent whose metadata billingd_installation names another installation (one that
+// shares the Stripe account, and has its own charge of the same id) is not billingd's: known is
+// false and nothing changes. One without that key (made before PaymentIntents carried it) is
+// matched by charge_id and charge_attempt, as before.
+//
 // Contract shared by the charge issue (which implements it), webhooks and reconcile.
 func SettlePaymentIntentTx(ctx context.Context, tx pgx.Tx, client *river.Client[pgx.Tx], d *Deps, pi *stripe.PaymentIntent) (known bool, err error) {
+	if pi != nil && d != nil {
+		installation, err := d.Installation(ctx)
+		if err != nil {
+			return false, fmt.Errorf("settle payment intent %s: %w", pi.ID, err)
+		}
+		if !ours(pi.Metadata, installation) {
+			return false, nil
+		}
+	} else if pi != nil && pi.Metadata[stripeapi.MetadataInstallation] != "" {
+		return false, fmt.Errorf("settle payment intent %s: no Deps to compare its installation with", pi.ID)
+	}
 	label, known, err := chargingOf(d).settlePaymentIntentTx(ctx, tx, client, pi, "webhook")
 	if err == nil {
 		countOutcome(label)

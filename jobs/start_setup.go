@@ -159,6 +159,10 @@ var errNoAccount = errors.New("BILLING_STRIPE_CUSTOMER_MODEL=account and the cus
 // createSession makes sure the customer exists at Stripe and creates the Checkout Session, with
 // idempotency keys of key generation gen (see keyGeneration).
 func (w *StartSetupWorker) createSession(ctx context.Context, s *setupToStart, gen int) (*stripe.CheckoutSession, error) {
+	installation, err := w.deps.Installation(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("create checkout session for setup session %d: %w", s.id, err)
+	}
 	// The four things the terms must cover, shown next to the required terms checkbox.
 	terms := strings.Join([]string{s.agreement, s.timing, s.amount, s.canceled}, " ")
 	successURL := cmp.Or(w.deps.Config.SetupSuccessURL, strings.TrimRight(w.deps.Config.PublicURL, "/")+"/setup/done")
@@ -174,13 +178,13 @@ func (w *StartSetupWorker) createSession(ctx context.Context, s *setupToStart, g
 		if s.stripeAcct == nil {
 			return nil, errNoAccount
 		}
-		params = stripeapi.OnboardingSessionForAccount(s.id, *s.stripeAcct, s.currency, successURL, cancelURL, meta, terms)
+		params = stripeapi.OnboardingSessionForAccount(installation, s.id, *s.stripeAcct, s.currency, successURL, cancelURL, meta, terms)
 	} else {
-		id, err := w.ensureCustomer(ctx, s, gen)
+		id, err := w.ensureCustomer(ctx, s, installation, gen)
 		if err != nil {
 			return nil, err
 		}
-		params = stripeapi.OnboardingSession(s.id, id, s.currency, successURL, cancelURL, meta, terms)
+		params = stripeapi.OnboardingSession(installation, s.id, id, s.currency, successURL, cancelURL, meta, terms)
 	}
 	nextGeneration(params.IdempotencyKey, gen)
 	cs, err := w.deps.Stripe.V1CheckoutSessions.Create(ctx, params)
@@ -191,13 +195,14 @@ func (w *StartSetupWorker) createSession(ctx context.Context, s *setupToStart, g
 }
 
 // ensureCustomer returns the customer's Stripe Customer id, creating the Customer when there is
-// none. The idempotency key names the customer (its customer_ref), so a retry, or two setups of
-// the same customer at once, get the same Customer back.
-func (w *StartSetupWorker) ensureCustomer(ctx context.Context, s *setupToStart, gen int) (string, error) {
+// none. The idempotency key names the installation and the customer (its customer_ref), so a
+// retry, or two setups of the same customer at once, get the same Customer back, and another
+// installation's customer of the same customer_ref is never returned.
+func (w *StartSetupWorker) ensureCustomer(ctx context.Context, s *setupToStart, installation string, gen int) (string, error) {
 	if s.stripeCustomer != nil {
 		return *s.stripeCustomer, nil
 	}
-	params := stripeapi.CustomerCreate(s.customerRef, deref(s.email))
+	params := stripeapi.CustomerCreate(installation, s.customerRef, deref(s.email))
 	nextGeneration(params.IdempotencyKey, gen)
 	c, err := w.deps.Stripe.V1Customers.Create(ctx, params)
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/billingd/billingd/internal/config"
 	"github.com/billingd/billingd/internal/stripeapi"
+	"github.com/billingd/billingd/jobs"
 	"github.com/billingd/billingd/stripefake"
 )
 
@@ -156,8 +157,10 @@ func TestOnboardingEndToEnd(t *testing.T) {
 	require.Equal(t, "eur", cs.Currency)
 	require.Equal(t, cusID, cs.Customer)
 	require.Equal(t, open.URL, cs.URL)
+	installation, err := jobs.LoadInstallation(ctx, h.pool)
+	require.NoError(t, err)
 	require.Equal(t, map[string]string{"setup_session_id": fmt.Sprint(id), "customer_ref": "ada",
-		"usage": "installments,adhoc", "terms_version": "v1"}, cs.Metadata)
+		"usage": "installments,adhoc", "terms_version": "v1", "billingd_installation": installation}, cs.Metadata)
 
 	// The customer opens the link and saves a card, accepting the terms.
 	completeAsCustomer(t, open.URL, "pm_card_visa")
@@ -357,7 +360,9 @@ func TestSetupCompletedAttachesWhenTheSessionHadNoCustomer(t *testing.T) {
 	fake, sc := fakeStripe(t) // no webhook endpoint: the test delivers
 	h := newHarness(t, harnessOpts{stripe: sc})
 
-	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("fay", "fay@example.com"))
+	installation, err := jobs.LoadInstallation(ctx, h.pool)
+	require.NoError(t, err)
+	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(installation, "fay", "fay@example.com"))
 	require.NoError(t, err)
 	var customerID, id int64
 	require.NoError(t, h.pool.QueryRow(ctx, `insert into billing.customers (customer_ref, email, stripe_customer_id)
@@ -365,7 +370,7 @@ func TestSetupCompletedAttachesWhenTheSessionHadNoCustomer(t *testing.T) {
 	require.NoError(t, h.pool.QueryRow(ctx, `insert into billing.setup_sessions (customer_id, usage, terms_version, currency)
 		values ($1, '{topups}', 'v1', 'usd') returning id`, customerID).Scan(&id))
 	// A session created without a customer (as an application might create it itself).
-	params := stripeapi.OnboardingSession(id, "", "usd", "https://app.example/ok", "https://app.example/no",
+	params := stripeapi.OnboardingSession(installation, id, "", "usd", "https://app.example/ok", "https://app.example/no",
 		map[string]string{"setup_session_id": fmt.Sprint(id)}, "I agree.")
 	params.Customer = nil
 	cs, err := sc.V1CheckoutSessions.Create(ctx, params)

@@ -105,6 +105,28 @@ const (
 	notNullViolation    = "23502"
 )
 
+// The migration gives every database one installation id, a random one: two databases migrated
+// apart (two installations) never share it.
+func TestMigrationGeneratesTheInstallationID(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	admin := dbtest.ServerURL(t)
+	logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+	var ids []string
+	for range 2 {
+		pool := dbtest.Pool(t, dbtest.NewEmptyDB(t, admin))
+		_, err := schema.Migrate(ctx, pool, logger)
+		require.NoError(t, err)
+		var n int
+		var id string
+		require.NoError(t, pool.QueryRow(ctx, `select count(*), min(id::text) from billing.installation`).Scan(&n, &id))
+		require.Equal(t, 1, n)
+		require.Regexp(t, `^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$`, id)
+		ids = append(ids, id)
+	}
+	require.NotEqual(t, ids[0], ids[1])
+}
+
 func TestConstraintsRejectWhatMustNeverBeTrue(t *testing.T) {
 	t.Parallel()
 	f := setup(t)
@@ -172,6 +194,10 @@ func TestConstraintsRejectWhatMustNeverBeTrue(t *testing.T) {
 		{"webhook event id shape", `insert into billing.webhook_events (id, type, created, payload) values ('x_1', 't', now(), '{}')`, nil, checkViolation},
 		{"notification without recipient", `insert into billing.notifications (customer_id, channel, kind, recipient, subject, body, dedupe_key) values ($1, 'email', 'recovery', '', 's', 'b', 'd')`, []any{f.customer}, checkViolation},
 		{"charge currency missing", `insert into billing.charges (customer_id, source, amount, description, requested_by) values ($1, 'adhoc', 1, 'x', 'f')`, []any{f.customer}, notNullViolation},
+		{"second installation", `insert into billing.installation default values`, nil, uniqueViolation},
+		{"installation row that is not the one", `insert into billing.installation (singleton) values (false)`, nil, checkViolation},
+		{"installation without an id", `update billing.installation set id = null`, nil, notNullViolation},
+		{"a copy gets a new installation id (README)", `update billing.installation set id = gen_random_uuid(), assigned_at = now()`, nil, ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

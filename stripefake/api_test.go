@@ -147,11 +147,11 @@ func TestCustomers(t *testing.T) {
 	t.Parallel()
 	b := setup(t)
 	ctx := t.Context()
-	c, err := b.sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("ref-42", "grace@example.com"))
+	c, err := b.sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("5f0c8c1e-3b7a-4d2e-9a41-0c6f2b8e7d19", "ref-42", "grace@example.com"))
 	require.NoError(t, err)
 	require.Equal(t, "grace@example.com", c.Email)
 	require.Equal(t, "ref-42", c.Metadata["customer_ref"])
-	again, err := b.sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("ref-42", "grace@example.com"))
+	again, err := b.sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("5f0c8c1e-3b7a-4d2e-9a41-0c6f2b8e7d19", "ref-42", "grace@example.com"))
 	require.NoError(t, err)
 	require.Equal(t, c.ID, again.ID, "the ref-derived key makes onboarding retries safe")
 
@@ -167,7 +167,7 @@ func TestCustomers(t *testing.T) {
 	})
 	require.NoError(t, err)
 	require.Equal(t, pm.ID, up.InvoiceSettings.DefaultPaymentMethod.ID)
-	require.Equal(t, map[string]string{"customer_ref": "ref-42", "tier": "gold"}, up.Metadata)
+	require.Equal(t, map[string]string{"customer_ref": "ref-42", "tier": "gold", "billingd_installation": "5f0c8c1e-3b7a-4d2e-9a41-0c6f2b8e7d19"}, up.Metadata)
 
 	_, err = b.sc.V1Customers.Retrieve(ctx, "cus_missing", nil)
 	se := stripeErr(t, err)

@@ -23,7 +23,7 @@ func Example() {
 	defer srv.Close()
 	sc := stripeapi.NewClient("sk_test_example", srv.URL, srv.Client(), 0)
 
-	cus, _ := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("ref-1", "ada@example.com"))
+	cus, _ := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("5f0c8c1e-3b7a-4d2e-9a41-0c6f2b8e7d19", "ref-1", "ada@example.com"))
 	cs, _ := sc.V1CheckoutSessions.Create(ctx, stripeapi.SetupSession(cus.ID, "usd",
 		"https://app.example/ok", "https://app.example/cancel", nil, ""))
 	_ = fake.CompleteCheckoutSession(ctx, cs.ID, "pm_card_visa") // the customer saves a card

@@ -51,7 +51,7 @@ func TestFault500After(t *testing.T) {
 	require.Equal(t, 500, stripeErr(t, err).HTTPStatusCode, "the key replays the 500, not the outcome")
 
 	var found []*stripe.PaymentIntent
-	for pi, err := range b.sc.V1PaymentIntents.Search(t.Context(), stripeapi.PaymentIntentSearchByCharge("f2")) {
+	for pi, err := range b.sc.V1PaymentIntents.Search(t.Context(), stripeapi.PaymentIntentSearchByCharge("", "f2")) {
 		require.NoError(t, err)
 		found = append(found, pi)
 	}

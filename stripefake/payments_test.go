@@ -228,7 +228,7 @@ func TestSearch(t *testing.T) {
 		return out
 	}
 
-	all := search(stripeapi.PaymentIntentSearchByCharge("s1").Query, 0)
+	all := search(stripeapi.PaymentIntentSearchByCharge("", "s1").Query, 0)
 	require.Len(t, all, 2)
 	require.Equal(t, ok.ID, all[0].ID, "newest first")
 	require.Equal(t, stripe.PaymentIntentStatusRequiresPaymentMethod, all[1].Status)
@@ -408,7 +408,7 @@ func TestSearchLag(t *testing.T) {
 	require.NoError(t, err)
 	count := func() int {
 		n := 0
-		for _, err := range b.sc.V1PaymentIntents.Search(t.Context(), stripeapi.PaymentIntentSearchByCharge("lag")) {
+		for _, err := range b.sc.V1PaymentIntents.Search(t.Context(), stripeapi.PaymentIntentSearchByCharge("", "lag")) {
 			require.NoError(t, err)
 			n++
 		}

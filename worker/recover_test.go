@@ -52,7 +52,9 @@ func TestDaemonServesRecoveryLinks(t *testing.T) {
 	base := "http://" + ln.Addr().String()
 
 	sc := stripeapi.NewClient(cfg.StripeSecretKey, fakeSrv.URL, nil, 0)
-	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("kim", "kim@example.com"))
+	installation, err := jobs.LoadInstallation(ctx, pool)
+	require.NoError(t, err)
+	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(installation, "kim", "kim@example.com"))
 	require.NoError(t, err)
 	pm, err := fake.AttachTestCard(cus.ID, "pm_card_chargeCustomerFail")
 	require.NoError(t, err)

@@ -145,6 +145,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 // Serve is Run on a listener the caller opened (tests listen on port 0).
 func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
+	// No key is sent and no object created without the installation id: a database without one
+	// stops the start here, with the reason.
+	installation, err := d.deps.Installation(ctx)
+	if err != nil {
+		ln.Close()
+		return err
+	}
 	// Jobs must not be cancelled by the signal itself: River's stop is driven below.
 	if err := d.river.Start(context.WithoutCancel(ctx)); err != nil {
 		ln.Close()
@@ -159,7 +166,10 @@ func (d *Daemon) Serve(ctx context.Context, ln net.Listener) error {
 	httpErr := make(chan error, 1)
 	go func() { httpErr <- d.http.Serve(ln) }()
 	d.ready.Store(true)
-	d.logger.Info("billingd started", "http_addr", ln.Addr().String(), "max_workers", d.cfg.MaxWorkers)
+	// The installation is logged so that two daemons on copies of one database (which share the
+	// id, and must not share a Stripe account: see the README) can be told apart.
+	d.logger.Info("billingd started", "http_addr", ln.Addr().String(), "max_workers", d.cfg.MaxWorkers,
+		"installation", installation)
 
 	var runErr error
 	select {

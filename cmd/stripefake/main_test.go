@@ -52,7 +52,7 @@ func TestRun(t *testing.T) {
 	go func() { _, _ = io.Copy(io.Discard, out) }()
 
 	sc := stripeapi.NewClient("sk_test_cmd", base, nil, 0)
-	c, err := sc.V1Customers.Create(t.Context(), stripeapi.CustomerCreate("ref-cmd", "cmd@example.com"))
+	c, err := sc.V1Customers.Create(t.Context(), stripeapi.CustomerCreate("5f0c8c1e-3b7a-4d2e-9a41-0c6f2b8e7d19", "ref-cmd", "cmd@example.com"))
 	require.NoError(t, err)
 	require.Equal(t, "cmd@example.com", c.Email)
 	cs, err := sc.V1CheckoutSessions.Create(t.Context(), stripeapi.SetupSession(c.ID, "usd", "https://a.example/ok", "https://a.example/no", nil, ""))

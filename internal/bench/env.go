@@ -276,8 +276,12 @@ select $1, id, '{installments,topups,adhoc}', 'v1', 'I agree that Example may ch
 // NewCustomer creates customer ref at stripefake with test card testPM attached (declining
 // cards too, through stripefake's AttachTestCard) and records it in the database.
 func (e *Env) NewCustomer(ctx context.Context, ref, testPM string) (Customer, error) {
+	installation, err := jobs.LoadInstallation(ctx, e.Pool)
+	if err != nil {
+		return Customer{}, err
+	}
 	sc := stripeapi.NewClient(secretKey, e.FakeURL, nil, 2) // unthrottled, for setup only
-	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(ref, ref+"@example.com"))
+	cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(installation, ref, ref+"@example.com"))
 	if err != nil {
 		return Customer{}, fmt.Errorf("create customer %s at stripefake: %w", ref, err)
 	}

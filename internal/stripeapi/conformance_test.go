@@ -28,6 +28,12 @@ import (
 // builders send nothing the two disagree on (ui_mode, for one).
 const stripeMockVersion = "v0.203.0"
 
+// Two installations' ids, in billing.installation's form.
+const (
+	installation      = "5f0c8c1e-3b7a-4d2e-9a41-0c6f2b8e7d19"
+	otherInstallation = "0b9e4f7a-1c2d-4e5f-8a9b-3c4d5e6f7a8b"
+)
+
 // TestConformance sends every request shape billingd makes, through
 // stripe-go, to stripe-mock (which validates it against Stripe's OpenAPI
 // description) and to stripefake, and requires both to accept it.
@@ -52,16 +58,23 @@ func TestConformance(t *testing.T) {
 			t.Parallel()
 			ctx := t.Context()
 			sc := stripeapi.NewClient("sk_test_conformance", tc.url, nil, 0)
-			md := map[string]string{stripeapi.MetadataChargeID: "4242", "plan": "p1"}
+			md := map[string]string{stripeapi.MetadataChargeID: "4242", "plan": "p1", stripeapi.MetadataInstallation: installation}
 
-			cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate("ref-1", "ada@example.com"))
+			cus, err := sc.V1Customers.Create(ctx, stripeapi.CustomerCreate(installation, "ref-1", "ada@example.com"))
 			require.NoError(t, err, "customer create")
 			require.NotEmpty(t, cus.ID)
+			if tc.fake != nil {
+				require.Equal(t, installation, cus.Metadata[stripeapi.MetadataInstallation])
+			}
 
-			setup, err := sc.V1CheckoutSessions.Create(ctx, stripeapi.SetupSession(cus.ID, "EUR",
-				"https://app.example/ok?session={CHECKOUT_SESSION_ID}", "https://app.example/cancel", md, "I agree to be charged later."))
+			setup, err := sc.V1CheckoutSessions.Create(ctx, stripeapi.OnboardingSession(installation, 1, cus.ID, "EUR",
+				"https://app.example/ok?session={CHECKOUT_SESSION_ID}", "https://app.example/cancel",
+				map[string]string{"setup_session_id": "1"}, "I agree to be charged later."))
 			require.NoError(t, err, "setup session create")
 			require.NotEmpty(t, setup.URL)
+			if tc.fake != nil {
+				require.Equal(t, installation, setup.Metadata[stripeapi.MetadataInstallation])
+			}
 
 			// The SetupIntent exists once the customer has saved a card;
 			// stripe-mock is stateless and answers for any id.
@@ -87,12 +100,17 @@ func TestConformance(t *testing.T) {
 			require.NotEmpty(t, pm.ID)
 
 			pi, err := sc.V1PaymentIntents.Create(ctx, stripeapi.OffSessionPaymentIntent(cus.ID, pm.ID, 1999, "EUR",
-				"Installment 1 of 3", md, "charge-4242-attempt-1"))
+				"Installment 1 of 3", md, stripeapi.KeyPrefix(installation)+"charge-4242-attempt-1"))
 			require.NoError(t, err, "off-session payment intent")
 			require.NotEmpty(t, pi.ID)
+			// Another installation's charge 4242, in the same account: not found by this one's search.
+			otherMD := map[string]string{stripeapi.MetadataChargeID: "4242", stripeapi.MetadataInstallation: otherInstallation}
+			_, err = sc.V1PaymentIntents.Create(ctx, stripeapi.OffSessionPaymentIntent(cus.ID, pm.ID, 1999, "EUR",
+				"Installment 1 of 3", otherMD, stripeapi.KeyPrefix(otherInstallation)+"charge-4242-attempt-1"))
+			require.NoError(t, err, "another installation's payment intent")
 
 			var found []*stripe.PaymentIntent
-			for p, err := range sc.V1PaymentIntents.Search(ctx, stripeapi.PaymentIntentSearchByCharge("4242")) {
+			for p, err := range sc.V1PaymentIntents.Search(ctx, stripeapi.PaymentIntentSearchByCharge(installation, "4242")) {
 				require.NoError(t, err, "payment intent search")
 				found = append(found, p)
 			}
@@ -150,9 +168,10 @@ func TestConformance(t *testing.T) {
 func TestBuilders(t *testing.T) {
 	t.Parallel()
 
-	cc := stripeapi.CustomerCreate("ref-9", "x@example.com")
-	require.Equal(t, "customer-create:ref-9", *cc.IdempotencyKey)
+	cc := stripeapi.CustomerCreate(installation, "ref-9", "x@example.com")
+	require.Equal(t, "billingd-"+installation+"-customer-create:ref-9", *cc.IdempotencyKey)
 	require.Equal(t, "ref-9", cc.Metadata[stripeapi.MetadataCustomerRef])
+	require.Equal(t, installation, cc.Metadata[stripeapi.MetadataInstallation])
 
 	ss := stripeapi.SetupSession("cus_1", "USD", "https://s", "https://c", map[string]string{"k": "v"}, "")
 	require.Nil(t, ss.UIMode, "ui_mode must not be sent")
@@ -173,10 +192,32 @@ func TestBuilders(t *testing.T) {
 	require.Equal(t, "7", rs.PaymentIntentData.Metadata["charge_id"])
 	require.Equal(t, int64(1), *rs.LineItems[0].Quantity)
 
-	q := stripeapi.PaymentIntentSearchByCharge(`it's`)
-	require.Equal(t, `metadata['charge_id']:'it\'s'`, q.Query)
+	q := stripeapi.PaymentIntentSearchByCharge(installation, `it's`)
+	require.Equal(t, `metadata['charge_id']:'it\'s' AND metadata['billingd_installation']:'`+installation+`'`, q.Query)
+	q = stripeapi.PaymentIntentSearchByCharge("", "42")
+	require.Equal(t, `metadata['charge_id']:'42'`, q.Query, "an attempt made before keys named the installation")
 
 	require.Nil(t, stripeapi.Refund("pi_1", 0, nil, "k3").Amount, "0 refunds everything left")
+}
+
+// TestKeyInstallation reads the installation back from the keys billingd makes, and finds none in
+// the keys it made before keys named one.
+func TestKeyInstallation(t *testing.T) {
+	t.Parallel()
+	for key, want := range map[string]string{
+		stripeapi.KeyPrefix(installation) + "charge-42-attempt-1":           installation,
+		stripeapi.CustomerKey(installation, "user-42"):                      installation,
+		stripeapi.SetupSessionKey(otherInstallation, 7):                     otherInstallation,
+		stripeapi.KeyPrefix(installation) + "recovery-42-r1-s1":             installation,
+		"billingd-charge-42-attempt-1":                                      "",
+		"billingd-recovery-42-r1-s1":                                        "",
+		"customer-create:user-42":                                           "",
+		"setup-session:7":                                                   "",
+		"billingd-" + strings.ToUpper(installation) + "-charge-1-attempt-1": "",
+		"billingd-" + installation:                                          "",
+	} {
+		require.Equal(t, want, stripeapi.KeyInstallation(key), key)
+	}
 }
 
 // TestNewClientUsesAPIBase checks that requests go to the given base URL

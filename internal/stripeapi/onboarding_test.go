@@ -24,9 +24,12 @@ func TestOnboardingBuilders(t *testing.T) {
 	t.Parallel()
 	md := map[string]string{"setup_session_id": "7"}
 
-	s := stripeapi.OnboardingSession(7, "cus_1", "USD", "https://s", "https://c", md, "I agree.")
-	require.Equal(t, "setup-session:7", *s.IdempotencyKey)
+	s := stripeapi.OnboardingSession(installation, 7, "cus_1", "USD", "https://s", "https://c", md, "I agree.")
+	require.Equal(t, "billingd-"+installation+"-setup-session:7", *s.IdempotencyKey)
+	require.Len(t, md, 1, "the caller's metadata is not changed")
 	body := encode(t, s)
+	require.Equal(t, installation, body.Get("metadata[billingd_installation]"))
+	require.Equal(t, installation, body.Get("setup_intent_data[metadata][billingd_installation]"))
 	require.Equal(t, "cus_1", body.Get("customer"))
 	require.Empty(t, body["customer_account"])
 	require.Equal(t, "required", body.Get("consent_collection[terms_of_service]"))
@@ -34,8 +37,8 @@ func TestOnboardingBuilders(t *testing.T) {
 	require.Equal(t, "7", body.Get("setup_intent_data[metadata][setup_session_id]"))
 	require.Empty(t, body["ui_mode"])
 
-	a := stripeapi.OnboardingSessionForAccount(8, "acct_1", "usd", "https://s", "https://c", md, "I agree.")
-	require.Equal(t, "setup-session:8", *a.IdempotencyKey)
+	a := stripeapi.OnboardingSessionForAccount(installation, 8, "acct_1", "usd", "https://s", "https://c", md, "I agree.")
+	require.Equal(t, "billingd-"+installation+"-setup-session:8", *a.IdempotencyKey)
 	body = encode(t, a)
 	require.Equal(t, "acct_1", body.Get("customer_account"))
 	require.Empty(t, body["customer"], "customer_account replaces customer")
@@ -52,7 +55,7 @@ func TestAccountsV2ShapesAgainstStripeMock(t *testing.T) {
 	t.Parallel()
 	sc := stripeapi.NewClient("sk_test_conformance", startStripeMock(t), nil, 0)
 	ctx := t.Context()
-	cs, err := sc.V1CheckoutSessions.Create(ctx, stripeapi.OnboardingSessionForAccount(9, "acct_1Nv0FGQ9RKHgCVdK", "usd",
+	cs, err := sc.V1CheckoutSessions.Create(ctx, stripeapi.OnboardingSessionForAccount(installation, 9, "acct_1Nv0FGQ9RKHgCVdK", "usd",
 		"https://app.example/ok", "https://app.example/cancel", map[string]string{"setup_session_id": "9"}, "I agree to be charged later."))
 	require.NoError(t, err, "setup session with customer_account")
 	require.NotEmpty(t, cs.ID)

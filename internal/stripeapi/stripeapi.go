@@ -23,6 +23,57 @@ const MetadataChargeID = "charge_id"
 // customer reference on Stripe customers.
 const MetadataCustomerRef = "customer_ref"
 
+// MetadataInstallation is the metadata key holding the installation id
+// (billing.installation) on every PaymentIntent, Checkout Session (and the
+// SetupIntent or PaymentIntent it makes) and Customer that billingd creates.
+// Installations that share a Stripe account ignore each other's objects by
+// it.
+const MetadataInstallation = "billingd_installation"
+
+// KeyPrefix returns the prefix of every idempotency key that installation
+// sends: "billingd-<installation>-". Keys are unique per Stripe account for
+// 24 hours, and two installations sharing an account have the same database
+// ids, so a key names the installation before the row it is for.
+// installation must not be empty.
+func KeyPrefix(installation string) string {
+	return "billingd-" + installation + "-"
+}
+
+// KeyInstallation returns the installation named by an idempotency key made
+// with KeyPrefix, or "" for a key made before keys named one (such as
+// "billingd-charge-42-attempt-1"), which may still be stored with an
+// attempt and replayed.
+func KeyInstallation(key string) string {
+	rest, ok := strings.CutPrefix(key, "billingd-")
+	if !ok || len(rest) < uuidLen+1 || rest[uuidLen] != '-' || !isUUID(rest[:uuidLen]) {
+		return ""
+	}
+	return rest[:uuidLen]
+}
+
+// uuidLen is the length of a UUID in its text form, which installation ids take.
+const uuidLen = 36
+
+// isUUID reports whether s is a UUID in PostgreSQL's text form (lower-case hex).
+func isUUID(s string) bool {
+	if len(s) != uuidLen {
+		return false
+	}
+	for i, r := range s {
+		switch i {
+		case 8, 13, 18, 23:
+			if r != '-' {
+				return false
+			}
+		default:
+			if (r < '0' || r > '9') && (r < 'a' || r > 'f') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
 // NewClient returns a stripe-go client for secretKey whose API requests go
 // to apiBase ("" means Stripe's https://api.stripe.com; a stripefake URL in
 // tests and the demo). httpClient nil means stripe-go's default client (80 s
@@ -54,19 +105,27 @@ func NewClient(secretKey, apiBase string, httpClient *http.Client, maxNetworkRet
 	return stripe.NewClient(secretKey, stripe.WithBackends(backends))
 }
 
-// CustomerCreate builds the customer for an application customer
-// (client.V1Customers.Create): email, and ref in metadata customer_ref.
-// Its idempotency key is derived from ref, so a retried onboarding within
-// Stripe's 24-hour key window gets the same customer back instead of a
-// duplicate (reusing a ref with another email inside that window is an
-// idempotency_error).
-func CustomerCreate(ref, email string) *stripe.CustomerCreateParams {
+// CustomerCreate builds the customer for an application customer of
+// installation (client.V1Customers.Create): email, and in metadata ref
+// (customer_ref) and installation (billingd_installation). Its idempotency
+// key is derived from installation and ref (CustomerKey), so a retried
+// onboarding within Stripe's 24-hour key window gets the same customer back
+// instead of a duplicate (reusing a ref with another email inside that window
+// is an idempotency_error), and another installation's customer of the same
+// ref is never returned.
+func CustomerCreate(installation, ref, email string) *stripe.CustomerCreateParams {
 	p := &stripe.CustomerCreateParams{
 		Email:    stripe.String(email),
-		Metadata: map[string]string{MetadataCustomerRef: ref},
+		Metadata: map[string]string{MetadataCustomerRef: ref, MetadataInstallation: installation},
 	}
-	p.SetIdempotencyKey("customer-create:" + ref)
+	p.SetIdempotencyKey(CustomerKey(installation, ref))
 	return p
+}
+
+// CustomerKey is the idempotency key of the Stripe Customer of installation's
+// customer ref: "billingd-<installation>-customer-create:<ref>".
+func CustomerKey(installation, ref string) string {
+	return KeyPrefix(installation) + "customer-create:" + ref
 }
 
 // SetupSession builds a Checkout Session in setup mode that saves a card of
@@ -178,12 +237,20 @@ func SetupIntentRetrieve() *stripe.SetupIntentRetrieveParams {
 }
 
 // PaymentIntentSearchByCharge builds the search for the PaymentIntents of
-// one charge by metadata charge_id (client.V1PaymentIntents.Search), newest
-// first. Stripe's search index lags writes by up to a minute, so an empty
+// one charge of installation by metadata charge_id and billingd_installation
+// (client.V1PaymentIntents.Search), newest first. Another installation
+// sharing the Stripe account has its own charge of the same id: its
+// PaymentIntents carry its own installation and are not found. installation
+// "" searches by charge_id alone, for attempts made before PaymentIntents
+// carried an installation; the caller must then skip the results that carry
+// one. Stripe's search index lags writes by up to a minute, so an empty
 // answer right after a lost request does not prove that nothing was charged.
-func PaymentIntentSearchByCharge(chargeID string) *stripe.PaymentIntentSearchParams {
+func PaymentIntentSearchByCharge(installation, chargeID string) *stripe.PaymentIntentSearchParams {
 	p := &stripe.PaymentIntentSearchParams{}
 	p.Query = "metadata['" + MetadataChargeID + "']:'" + escapeSearch(chargeID) + "'"
+	if installation != "" {
+		p.Query += " AND metadata['" + MetadataInstallation + "']:'" + escapeSearch(installation) + "'"
+	}
 	return p
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"math"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -329,4 +330,19 @@ func stripeMockBinary(t *testing.T) string {
 	_, err = os.Stat(local)
 	require.NoError(t, err, "stripe-mock installed but not found at %s", local)
 	return local
+}
+
+// TestCustomerKeyFitsStripesLimit checks that the customer key of the longest customer_ref the
+// schema allows (255 characters, of up to 4 bytes each) fits in Stripe's 255, stays the same for
+// the same ref, and differs between refs; a short ref keeps its readable key.
+func TestCustomerKeyFitsStripesLimit(t *testing.T) {
+	t.Parallel()
+	long := strings.Repeat("é", 255)
+	k := stripeapi.CustomerKey(installation, long)
+	require.LessOrEqual(t, len(k), stripeapi.MaxKeyLen)
+	require.Equal(t, k, stripeapi.CustomerKey(installation, long))
+	require.NotEqual(t, k, stripeapi.CustomerKey(installation, long[:len(long)-2]+"e"))
+	require.Equal(t, installation, stripeapi.KeyInstallation(k))
+	require.Equal(t, stripeapi.KeyPrefix(installation)+"customer-create:user-42", stripeapi.CustomerKey(installation, "user-42"))
+	require.LessOrEqual(t, len(stripeapi.SetupSessionKey(installation, math.MaxInt64)), stripeapi.MaxKeyLen)
 }

@@ -9,6 +9,8 @@
 package stripeapi
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"net/http"
 	"strings"
 
@@ -122,10 +124,21 @@ func CustomerCreate(installation, ref, email string) *stripe.CustomerCreateParam
 	return p
 }
 
+// MaxKeyLen is the longest idempotency key Stripe accepts.
+const MaxKeyLen = 255
+
 // CustomerKey is the idempotency key of the Stripe Customer of installation's
-// customer ref: "billingd-<installation>-customer-create:<ref>".
+// customer ref: "billingd-<installation>-customer-create:<ref>". A ref too long
+// for that to fit in MaxKeyLen (customer_ref may have 255 characters) is
+// replaced by its SHA-256, "...customer-create:sha256:<hex>": the same ref
+// still gives the same key.
 func CustomerKey(installation, ref string) string {
-	return KeyPrefix(installation) + "customer-create:" + ref
+	k := KeyPrefix(installation) + "customer-create:" + ref
+	if len(k) <= MaxKeyLen {
+		return k
+	}
+	sum := sha256.Sum256([]byte(ref))
+	return KeyPrefix(installation) + "customer-create:sha256:" + hex.EncodeToString(sum[:])
 }
 
 // SetupSession builds a Checkout Session in setup mode that saves a card of

@@ -11,7 +11,6 @@ import (
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 
-	"github.com/billingd/billingd/internal/metrics"
 	"github.com/billingd/billingd/internal/stripeapi"
 )
 
@@ -350,18 +349,7 @@ func sendPaymentIntent(ctx context.Context, d *Deps, p *sendPlan) answer {
 	}
 	start := time.Now()
 	pi, err := d.Stripe.V1PaymentIntents.Create(ctx, params)
-	ans := readCreateAnswer(pi, err, time.Since(start))
-	observeStripe("create_payment_intent", ans.httpStatus, ans.duration)
-	return ans
-}
-
-// observeStripe records one call's latency by operation and status (0: no answer).
-func observeStripe(op string, status int, took time.Duration) {
-	label := "none"
-	if status != 0 {
-		label = fmt.Sprint(status)
-	}
-	metrics.StripeRequests.WithLabelValues(op, label).Observe(took.Seconds())
+	return readCreateAnswer(pi, err, time.Since(start))
 }
 
 // record writes the answer in one transaction with the job's completion. A transient answer

@@ -204,15 +204,12 @@ func (w *ReconcileWorker) reconcileCharge(ctx context.Context, chargeID int64) e
 // findPaymentIntent reads the attempt's PaymentIntent by id, or searches for it by metadata.
 func (w *ReconcileWorker) findPaymentIntent(ctx context.Context, a *attemptRow) (*stripe.PaymentIntent, error) {
 	if a.paymentIntentID != nil {
-		start := time.Now()
 		pi, err := w.deps.Stripe.V1PaymentIntents.Retrieve(ctx, *a.paymentIntentID, nil)
-		observeStripe("retrieve_payment_intent", statusOf(err, 200), time.Since(start))
 		if err != nil {
 			return nil, fmt.Errorf("retrieve payment intent %s of charge %d: %w", *a.paymentIntentID, a.chargeID, err)
 		}
 		return pi, nil
 	}
-	start := time.Now()
 	want := strconv.Itoa(a.attemptNo)
 	// The installation that the attempt's key names is the one its PaymentIntent carries
 	// (sendPaymentIntent): this installation's, or none for an attempt recorded before keys and
@@ -223,7 +220,6 @@ func (w *ReconcileWorker) findPaymentIntent(ctx context.Context, a *attemptRow) 
 	var found *stripe.PaymentIntent
 	for pi, err := range w.deps.Stripe.V1PaymentIntents.Search(ctx, search) {
 		if err != nil {
-			observeStripe("search_payment_intents", statusOf(err, 200), time.Since(start))
 			return nil, fmt.Errorf("search payment intents of charge %d: %w", a.chargeID, err)
 		}
 		if pi.Metadata[MetadataAttempt] == want && pi.Metadata[stripeapi.MetadataInstallation] == installation {
@@ -231,7 +227,6 @@ func (w *ReconcileWorker) findPaymentIntent(ctx context.Context, a *attemptRow) 
 			break
 		}
 	}
-	observeStripe("search_payment_intents", 200, time.Since(start))
 	return found, nil
 }
 
@@ -292,17 +287,6 @@ func (w *ReconcileWorker) settle(ctx context.Context, a *attemptRow, in settleIn
 	}
 	countOutcome(label)
 	return nil
-}
-
-func statusOf(err error, ok int) int {
-	if err == nil {
-		return ok
-	}
-	var se *stripe.Error
-	if errors.As(err, &se) {
-		return se.HTTPStatusCode
-	}
-	return 0
 }
 
 // reconcilePeriodic is the sweep's periodic trigger.

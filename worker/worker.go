@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"riverqueue.com/riverui"
 
 	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/internal/metrics"
 	"github.com/billingd/billingd/internal/stripeapi"
 	"github.com/billingd/billingd/jobs"
 )
@@ -87,10 +89,20 @@ func NewStripeClient(pool *pgxpool.Pool, cfg *config.Config) (*stripe.Client, er
 	base := http.DefaultTransport.(*http.Transport).Clone()
 	base.MaxIdleConnsPerHost = cfg.MaxWorkers + 10
 	httpClient := &http.Client{
-		Transport: stripeapi.RateLimitedTransport(base, limiter),
+		Transport: stripeapi.ObservedTransport(stripeapi.RateLimitedTransport(base, limiter), observeStripe),
 		Timeout:   60 * time.Second,
 	}
 	return stripeapi.NewClient(cfg.StripeSecretKey, cfg.StripeAPIBase, httpClient, int64(cfg.StripeMaxRetries)), nil
+}
+
+// observeStripe records one request to Stripe in billingd_stripe_request_duration_seconds, by
+// operation and HTTP status ("none" when no answer came).
+func observeStripe(operation string, status int, took time.Duration) {
+	label := "none"
+	if status != 0 {
+		label = strconv.Itoa(status)
+	}
+	metrics.StripeRequests.WithLabelValues(operation, label).Observe(took.Seconds())
 }
 
 // NewRiverClient returns the River client with billingd's queues, workers and periodic jobs.

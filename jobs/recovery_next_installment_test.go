@@ -49,11 +49,20 @@ func TestRecoveredCardChargesTheNextInstallment(t *testing.T) {
 		return pm, err == nil && pm != oldPM && e.chargeState(first).Status == "recovered"
 	})
 
-	// The next installment falls due: the due job charges it, on the card that paid.
+	// The next installment falls due: the due job charges it, on the card that paid. The due job
+	// that ran at start may not be marked completed yet (River completes jobs in batches), and a
+	// due job is unique while one waits or runs: wait for it, or the insert below would be
+	// skipped and the installment left to the next minute's tick.
+	waitValue(t, 10*time.Second, func() (int, bool) {
+		n, err := scalarErr[int](e.Pool, `select count(*) from river_job where kind = 'due'
+			and state in ('available', 'pending', 'running', 'scheduled', 'retryable')`)
+		return n, err == nil && n == 0
+	})
 	_, err := e.Pool.Exec(ctx, `update billing.installment_plans set next_due_at = now() where id = $1`, planID)
 	require.NoError(t, err)
-	_, err = e.Client.Insert(ctx, jobs.DueArgs{}, nil)
+	res, err := e.Client.Insert(ctx, jobs.DueArgs{}, nil)
 	require.NoError(t, err)
+	require.False(t, res.UniqueSkippedAsDuplicate, "a due job was still waiting or running")
 	second := waitValue(t, 10*time.Second, func() (int64, bool) {
 		id, err := scalarErr[int64](e.Pool, `select id from billing.charges where source = 'installment' and source_id = $1 and period = '2'`, planID)
 		return id, err == nil && e.chargeState(id).Status == "succeeded"

@@ -164,7 +164,7 @@ func TestChargeChecksBeforeSending(t *testing.T) {
 	noConsent := e.customer("no-consent", "pm_card_visa", dbtest.CustomerOpts{NoConsent: true})
 	installmentsOnly := e.customer("inst-only", "pm_card_visa", dbtest.CustomerOpts{Usage: []string{"installments"}})
 	revoked := e.customer("revoked", "pm_card_visa")
-	_, err := e.Pool.Exec(ctx, `update billing.consents set revoked_at = now() where customer_id = $1`, revoked.ID)
+	_, err := e.Pool.Exec(ctx, `select billing.revoke_consent($1, 'withdrawn by email')`, revoked.Ref)
 	require.NoError(t, err)
 	noPM := dbtest.NewCustomer(t, e.Pool, dbtest.CustomerOpts{Ref: "no-pm", PaymentMethodID: "-"})
 	detached := e.customer("detached", "pm_card_visa")

@@ -431,7 +431,7 @@ func TestFinanceEnqueueChargeRejectsBadInput(t *testing.T) {
 	f.customer(t, dbtest.CustomerOpts{Ref: "no-consent", NoConsent: true}, "usd")
 	f.customer(t, dbtest.CustomerOpts{Ref: "installments-only", Usage: []string{"installments", "topups"}}, "usd")
 	revoked := f.customer(t, dbtest.CustomerOpts{Ref: "revoked"}, "usd")
-	_, err := f.owner.Exec(ctx, `update billing.consents set revoked_at = now() where customer_id = $1`, revoked.ID)
+	_, err := f.owner.Exec(ctx, `select billing.revoke_consent($1, 'withdrawn by email')`, revoked.Ref)
 	require.NoError(t, err)
 	f.customer(t, dbtest.CustomerOpts{Ref: "no-method", PaymentMethodID: "-"}, "usd")
 	detached := f.customer(t, dbtest.CustomerOpts{Ref: "detached"}, "usd")

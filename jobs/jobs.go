@@ -42,7 +42,7 @@ type Deps struct {
 func Kinds() []string {
 	return slices.Concat(
 		chargeKinds(),
-		[]string{IngestEventArgs{}.Kind(), StartSetupArgs{}.Kind(), DueArgs{}.Kind()},
+		[]string{IngestEventArgs{}.Kind(), StartSetupArgs{}.Kind(), DueArgs{}.Kind(), PruneWebhookEventsArgs{}.Kind()},
 		recoveryKinds(),
 	)
 }
@@ -58,6 +58,7 @@ func Register(workers *river.Workers, d *Deps) error {
 		return err
 	}
 	river.AddWorker(workers, NewDueWorker(d))
+	river.AddWorker(workers, &pruneWebhookEventsWorker{d: d})
 	return nil
 }
 
@@ -80,6 +81,6 @@ func PeriodicJobs(d *Deps) ([]*river.PeriodicJob, error) {
 	if err != nil {
 		return nil, err
 	}
-	all = append(all, due)
+	all = append(all, due, pruneWebhookEventsPeriodic())
 	return all, nil
 }

@@ -76,6 +76,9 @@ type Config struct {
 	RecoveryReminderInterval    time.Duration
 	RecoveryPlanOnUncollectible string
 
+	// WebhookRetention is how long stored webhook events are kept once ingested.
+	WebhookRetention time.Duration
+
 	// envErrs holds environment values that could not be parsed; Validate reports them.
 	envErrs []error
 }
@@ -141,6 +144,7 @@ func NewFlagSet(cmd string, cfg *Config, env Env) *flag.FlagSet {
 	durVar(cfg, fs, &cfg.RecoveryWindow, "recovery-window", "BILLING_RECOVERY_WINDOW", 14*24*time.Hour, "how long a failed charge may be paid through recovery before it is uncollectible", env)
 	str(&cfg.RecoverySchedule, "recovery-schedule", "BILLING_RECOVERY_SCHEDULE", "*/10 * * * *", "cron schedule of the recovery sweep that sends reminders and writes off charges past the recovery window")
 	durVar(cfg, fs, &cfg.RecoveryReminderInterval, "recovery-reminder-interval", "BILLING_RECOVERY_REMINDER_INTERVAL", 72*time.Hour, "time between reminders while a failed charge is unpaid (0: no reminders)", env)
+	durVar(cfg, fs, &cfg.WebhookRetention, "webhook-retention", "BILLING_WEBHOOK_RETENTION", 30*24*time.Hour, "how long ingested webhook events (their payloads, customer details included) are kept before an hourly job deletes them; at least 72h, Stripe's retry window", env)
 	str(&cfg.RecoveryPlanOnUncollectible, "recovery-plan-on-uncollectible", "BILLING_RECOVERY_PLAN_ON_UNCOLLECTIBLE", "pause", "when an installment becomes uncollectible: pause the rest of its plan, or continue charging it")
 	return fs
 }
@@ -329,6 +333,9 @@ func (c *Config) Validate(need Need) error {
 	}
 	if c.RecoveryWindow <= 0 {
 		errs = append(errs, errors.New("BILLING_RECOVERY_WINDOW must be positive"))
+	}
+	if c.WebhookRetention < 72*time.Hour {
+		errs = append(errs, fmt.Errorf("BILLING_WEBHOOK_RETENTION=%s must be at least 72h: Stripe retries a delivery for up to three days, and a stored event is what makes a retry a duplicate", c.WebhookRetention))
 	}
 	if c.RecoveryReminderInterval < 0 {
 		errs = append(errs, errors.New("BILLING_RECOVERY_REMINDER_INTERVAL must not be negative (0 turns reminders off)"))

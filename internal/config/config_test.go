@@ -64,6 +64,8 @@ func TestValidate(t *testing.T) {
 		{"river ui half configured", with("BILLING_RIVERUI_USER", "ops"), nil, "must be set together"},
 		{"rps", with("BILLING_STRIPE_RPS", "0"), nil, "BILLING_STRIPE_RPS must be positive"},
 		{"log level", with("BILLING_LOG_LEVEL", "loud"), nil, "BILLING_LOG_LEVEL"},
+		{"webhook retention under Stripe's retry window", with("BILLING_WEBHOOK_RETENTION", "48h"), nil, "BILLING_WEBHOOK_RETENTION=48h0m0s must be at least 72h"},
+		{"webhook retention of a year", with("BILLING_WEBHOOK_RETENTION", "8760h"), nil, ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

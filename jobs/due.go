@@ -725,12 +725,14 @@ select r.id
    for update of r skip locked`
 
 // fireThresholdTopupsQuery fires the locked rules $2 that are still ready at $1: a charge of
-// target - balance (or the fixed amount), period = the firing's sequence number, with its charge
+// target - balance, at most target (or the fixed amount), period = the firing's sequence number, with its charge
 // job, and the rule's count and last firing time advanced. It returns how many charges it made.
 var fireThresholdTopupsQuery = `
 with due as (
     select r.id, r.customer_id, r.currency, r.description, r.fired_count,
-           coalesce(r.fixed_amount, r.target_amount - b.amount) as amount
+           -- A negative balance counts as zero: a top-up never exceeds target_amount, however
+           -- much the host application's balance says the customer owes.
+           coalesce(r.fixed_amount, r.target_amount - greatest(b.amount, 0)) as amount
       from billing.topup_rules r
       join billing.balances b on b.customer_id = r.customer_id and b.currency = r.currency
      where r.id = any($2::bigint[]) and` + thresholdEligible + `

@@ -398,7 +398,7 @@ func TestDueJobsRunAsRiverJobs(t *testing.T) {
 func TestDueThresholdTopups(t *testing.T) {
 	t.Parallel()
 	f := setupDue(t)
-	for _, ref := range []string{"bob", "carol", "dave"} {
+	for _, ref := range []string{"bob", "carol", "dave", "erin"} {
 		dbtest.NewCustomer(t, f.pool, dbtest.CustomerOpts{Ref: ref})
 	}
 	alice := f.id(t, `select billing.create_topup_rule('alice', 'Credit top-up', 'usd', threshold_amount => 500, target_amount => 2000,
@@ -406,14 +406,19 @@ func TestDueThresholdTopups(t *testing.T) {
 	bob := f.id(t, `select billing.create_topup_rule('bob', 'Credit top-up', 'usd', threshold_amount => 500, fixed_amount => 1000)`)
 	carol := f.id(t, `select billing.create_topup_rule('carol', 'Credit top-up', 'usd', threshold_amount => 500, fixed_amount => 1000)`)
 	dave := f.id(t, `select billing.create_topup_rule('dave', 'Credit top-up', 'jpy', threshold_amount => 500, fixed_amount => 3000, cooldown => '0')`)
+	erin := f.id(t, `select billing.create_topup_rule('erin', 'Credit top-up', 'usd', threshold_amount => 500, target_amount => 2000)`)
 	f.exec(t, `select billing.set_balance('alice', 'usd', 300)`)
 	f.exec(t, `select billing.set_balance('bob', 'usd', 800)`)  // above the threshold
 	f.exec(t, `select billing.set_balance('carol', 'eur', 10)`) // low, but not in the rule's currency
 	f.exec(t, `select billing.set_balance('dave', 'jpy', -100)`)
+	f.exec(t, `select billing.set_balance('erin', 'usd', -900000)`) // owes 9,000.00: not charged off-session
 
 	t0 := utc("2025-05-01T12:00:00Z")
 	res := f.run(t, t0)
-	require.Equal(t, 2, res.Topups)
+	require.Equal(t, 3, res.Topups)
+	erins := charges(t, f.pool, "topup", erin)
+	require.Len(t, erins, 1)
+	require.Equal(t, int64(2000), erins[0].Amount, "a negative balance counts as zero: at most the target")
 	got := charges(t, f.pool, "topup", alice)
 	require.Len(t, got, 1)
 	require.Equal(t, int64(1700), got[0].Amount, "target minus balance")

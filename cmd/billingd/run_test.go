@@ -162,9 +162,15 @@ func TestStatusReportsCharges(t *testing.T) {
 	_, err := pool.Exec(context.Background(), `insert into billing.charges (customer_id, source, amount, currency, description, requested_by)
 		values ($1, 'adhoc', 1234, 'jpy', 'fee', 'finance'), ($1, 'adhoc', 99, 'usd', 'fee', 'finance')`, c.ID)
 	require.NoError(t, err)
+	_, err = pool.Exec(context.Background(), `select billing.create_installment_plan('status-1', 'Sofa', 900, 'usd', 3, anchor_day => 1, starts_at => now())`)
+	require.NoError(t, err)
+	_, err = pool.Exec(context.Background(), `update billing.installment_plans set next_due_at = now() - interval '61 minutes'`)
+	require.NoError(t, err)
 	var out bytes.Buffer
 	require.NoError(t, run(context.Background(), []string{"status"}, envOf(map[string]string{"DATABASE_URL": dbURL}), &out, &bytes.Buffer{}))
 	require.Regexp(t, `pending\s+jpy\s+1\s+1234`, out.String())
 	require.Regexp(t, `pending\s+usd\s+1\s+99`, out.String())
 	require.Contains(t, out.String(), "Job queues")
+	require.Regexp(t, `installation [0-9a-f-]{36}\n`, out.String())
+	require.Regexp(t, `installment plans\s+1\s+1\s+1h1m`, out.String(), "one plan due for 61 minutes: the due computation is not running")
 }

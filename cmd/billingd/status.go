@@ -21,12 +21,18 @@ group by status, currency
 order by array_position(array['pending','processing','retry_scheduled','recovering',
          'succeeded','recovered','uncollectible','canceled'], status), currency`
 
+	// OLDEST is how long the oldest due one has waited (billingd_due_lag_seconds): more than a
+	// few due periods means the due computation is not running.
 	statusDue = `
-select 'installment plans' as what, count(*) filter (where next_due_at <= now()), count(*)
+select 'installment plans' as what, count(*) filter (where next_due_at <= now()), count(*),
+       coalesce(extract(epoch from now() - min(next_due_at) filter (where next_due_at <= now()))::bigint, 0)
 from billing.installment_plans where status = 'active'
 union all
-select 'top-up rules', count(*) filter (where next_due_at <= now()), count(*)
+select 'top-up rules', count(*) filter (where next_due_at <= now()), count(*),
+       coalesce(extract(epoch from now() - min(next_due_at) filter (where next_due_at <= now()))::bigint, 0)
 from billing.topup_rules where status = 'active'`
+
+	statusInstallation = `select id::text from billing.installation`
 
 	statusAttempts = `
 select outcome, count(*), coalesce(extract(epoch from now() - min(started_at))::bigint, 0)
@@ -85,7 +91,11 @@ func cmdStatus(ctx context.Context, args []string, env config.Env, stdout, stder
 		return rows.Err()
 	}
 
-	fmt.Fprintf(w, "billingd status at %s\n", time.Now().UTC().Format(time.RFC3339))
+	var installation string
+	if err := pool.QueryRow(ctx, statusInstallation).Scan(&installation); err != nil {
+		installation = "unknown (" + err.Error() + ")"
+	}
+	fmt.Fprintf(w, "billingd status at %s, installation %s\n", time.Now().UTC().Format(time.RFC3339), installation)
 	if err := section("Charges", "STATUS\tCURRENCY\tCOUNT\tAMOUNT (minor units)", statusCharges, func(r pgx.Rows) ([]any, error) {
 		var s, c string
 		var n, sum int64
@@ -94,11 +104,11 @@ func cmdStatus(ctx context.Context, args []string, env config.Env, stdout, stder
 	}); err != nil {
 		return err
 	}
-	if err := section("Due", "SOURCE\tDUE NOW\tACTIVE", statusDue, func(r pgx.Rows) ([]any, error) {
+	if err := section("Due", "SOURCE\tDUE NOW\tACTIVE\tOLDEST DUE", statusDue, func(r pgx.Rows) ([]any, error) {
 		var s string
-		var due, all int64
-		err := r.Scan(&s, &due, &all)
-		return []any{s, due, all}, err
+		var due, all, age int64
+		err := r.Scan(&s, &due, &all, &age)
+		return []any{s, due, all, time.Duration(age) * time.Second}, err
 	}); err != nil {
 		return err
 	}

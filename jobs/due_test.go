@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
@@ -772,4 +773,89 @@ func TestDueTwoReplicasPeriodic(t *testing.T) {
 		require.Len(t, charges(t, pool, "installment", p.id), p.n, "plan %d after more ticks", p.id)
 	}
 	requireOneJobPerCharge(t, pool)
+}
+
+// TestDuePauseAndResume pauses plans and resumes them both ways: by default the remaining
+// installments continue from now on (a monthly plan moves by whole months, a cron plan takes its
+// next occurrence), and nothing missed while paused is charged; with catch_up the missed ones are
+// charged at once, each once.
+func TestDuePauseAndResume(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := setupDue(t)
+	now := time.Now()
+	monthly := f.id(t, `select billing.create_installment_plan('alice', 'Sofa', 1200, 'usd', 12, anchor_day => 1,
+		starts_at => now() - interval '75 days')`)
+	catchUp := f.id(t, `select billing.create_installment_plan('alice', 'Bike', 1200, 'usd', 12, anchor_day => 1,
+		starts_at => now() - interval '75 days')`)
+	cronPlan := f.id(t, `select billing.create_installment_plan('alice', 'Lessons', 1000, 'usd', 10, cron_expr => '0 9 * * *',
+		starts_at => now() - interval '3 days')`)
+	f.run(t, now)
+	before := map[int64]int{}
+	for _, p := range []int64{monthly, catchUp, cronPlan} {
+		before[p] = len(charges(t, f.pool, "installment", p))
+		require.GreaterOrEqual(t, before[p], 2, "plan %d charged what fell due", p)
+	}
+
+	var paused bool
+	for _, p := range []int64{monthly, catchUp, cronPlan} {
+		require.NoError(t, f.pool.QueryRow(ctx, `select billing.pause_installment_plan($1, 'customer asked for a break')`, p).Scan(&paused))
+		require.True(t, paused)
+	}
+	require.NoError(t, f.pool.QueryRow(ctx, `select billing.pause_installment_plan($1, 'again')`, monthly).Scan(&paused))
+	require.False(t, paused, "already paused")
+	require.Zero(t, f.run(t, now.AddDate(0, 2, 0)).Installments, "paused plans are skipped")
+
+	// Resumed from now on: the next installment on the first anchor date ahead, none skipped.
+	var next time.Time
+	require.NoError(t, f.pool.QueryRow(ctx, `select billing.resume_installment_plan($1, 'back from the break')`, monthly).Scan(&next))
+	require.False(t, next.Before(now), "not in the past")
+	require.True(t, next.Before(now.AddDate(0, 1, 1)), "within a month")
+	require.Equal(t, 1, next.UTC().Day(), "on the anchor day")
+	require.Zero(t, f.run(t, now).Installments, "nothing missed is charged")
+	require.Equal(t, 1, f.run(t, next).Installments)
+	got := charges(t, f.pool, "installment", monthly)
+	require.Len(t, got, before[monthly]+1)
+	require.Equal(t, before[monthly]+1, got[len(got)-1].Period, "the next installment, not a skipped one")
+	require.True(t, next.Equal(got[len(got)-1].DueAt))
+
+	// A cron plan takes the first occurrence ahead, computed by the due run.
+	var cronNext *time.Time
+	require.NoError(t, f.pool.QueryRow(ctx, `select billing.resume_installment_plan($1, 'back')`, cronPlan).Scan(&cronNext))
+	require.Nil(t, cronNext)
+	res := f.run(t, now)
+	require.Equal(t, 1, res.Scheduled)
+	require.NoError(t, f.pool.QueryRow(ctx, `select next_due_at from billing.installment_plans where id = $1`, cronPlan).Scan(&next))
+	require.True(t, next.After(now.Add(-time.Minute)) && next.Before(now.Add(25*time.Hour)), "next 09:00: %s", next)
+	require.Len(t, charges(t, f.pool, "installment", cronPlan), before[cronPlan])
+
+	// With catch_up, the installments that fell due while paused are charged, each once.
+	require.NoError(t, f.pool.QueryRow(ctx, `select billing.resume_installment_plan($1, 'paid the arrears', catch_up => true)`, catchUp).Scan(&next))
+	require.True(t, next.Before(now.AddDate(0, 1, 0)))
+	later := now.AddDate(0, 2, 0)
+	f.run(t, later)
+	got = charges(t, f.pool, "installment", catchUp)
+	require.Greater(t, len(got), before[catchUp]+1, "the missed installments at once")
+	for i, c := range got {
+		require.Equal(t, i+1, c.Period)
+	}
+	require.Zero(t, f.run(t, later).Installments)
+
+	// Bad calls change nothing.
+	for _, tc := range []struct{ sql, code string }{
+		{`select billing.resume_installment_plan(` + strconv.FormatInt(monthly, 10) + `, 'x')`, "55000"}, // active, not paused
+		{`select billing.resume_installment_plan(999999, 'x')`, "P0002"},
+		{`select billing.resume_installment_plan(` + strconv.FormatInt(monthly, 10) + `, ' ')`, "22023"},
+		{`select billing.pause_installment_plan(999999, 'x')`, "P0002"},
+	} {
+		_, err := f.pool.Exec(ctx, tc.sql)
+		var pgErr *pgconn.PgError
+		require.ErrorAs(t, err, &pgErr, tc.sql)
+		require.Equal(t, tc.code, pgErr.Code, tc.sql)
+	}
+	f.exec(t, `select billing.cancel_installment_plan($1, 'returned')`, monthly)
+	_, err := f.pool.Exec(ctx, `select billing.pause_installment_plan($1, 'x')`, monthly)
+	var pgErr *pgconn.PgError
+	require.ErrorAs(t, err, &pgErr)
+	require.Equal(t, "55000", pgErr.Code, "a canceled plan is not paused")
 }

@@ -12,7 +12,6 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
-	"github.com/riverqueue/river/rivertype"
 	"github.com/robfig/cron/v3"
 
 	"github.com/billingd/billingd/internal/metrics"
@@ -30,14 +29,7 @@ func (DueArgs) Kind() string { return "due" }
 // InsertOpts keeps at most one due job waiting or running: a tick that comes while a run is
 // still going inserts nothing, since that run will see what the tick would have.
 func (DueArgs) InsertOpts() river.InsertOpts {
-	return river.InsertOpts{
-		Queue:       QueueDefault,
-		MaxAttempts: 3,
-		UniqueOpts: river.UniqueOpts{ByState: []rivertype.JobState{
-			rivertype.JobStateAvailable, rivertype.JobStatePending,
-			rivertype.JobStateRunning, rivertype.JobStateScheduled,
-		}},
-	}
+	return river.InsertOpts{Queue: QueueDefault, MaxAttempts: 3, UniqueOpts: oneAtATime}
 }
 
 // dueWorkers is how many batch transactions a due run keeps in flight, each on its own connection:

@@ -9,6 +9,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/rivertype"
 	"github.com/stripe/stripe-go/v82"
 
 	"github.com/billingd/billingd/internal/config"
@@ -37,6 +38,14 @@ type Deps struct {
 	// installation keeps the installation id once read (Installation).
 	installation installationCache
 }
+
+// oneAtATime is the UniqueOpts of a periodic trigger (due, prune_webhook_events): at most one of
+// its jobs waits or runs, so a tick that comes while a run is going inserts nothing; that run
+// sees what the tick would have.
+var oneAtATime = river.UniqueOpts{ByState: []rivertype.JobState{
+	rivertype.JobStateAvailable, rivertype.JobStatePending,
+	rivertype.JobStateRunning, rivertype.JobStateScheduled,
+}}
 
 // Kinds lists the job kinds that Register adds.
 func Kinds() []string {

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/riverqueue/river"
-	"github.com/riverqueue/river/rivertype"
 	"github.com/robfig/cron/v3"
 )
 
@@ -22,14 +21,7 @@ func (PruneWebhookEventsArgs) Kind() string { return "prune_webhook_events" }
 
 // InsertOpts puts the job on the default queue, at most one waiting or running.
 func (PruneWebhookEventsArgs) InsertOpts() river.InsertOpts {
-	return river.InsertOpts{
-		Queue:       QueueDefault,
-		MaxAttempts: 3,
-		UniqueOpts: river.UniqueOpts{ByState: []rivertype.JobState{
-			rivertype.JobStateAvailable, rivertype.JobStatePending,
-			rivertype.JobStateRunning, rivertype.JobStateScheduled,
-		}},
-	}
+	return river.InsertOpts{Queue: QueueDefault, MaxAttempts: 3, UniqueOpts: oneAtATime}
 }
 
 // pruneWebhookEventsBatch bounds the rows one statement deletes.

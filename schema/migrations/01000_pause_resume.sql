@@ -9,8 +9,8 @@
 -- skipped); with catch_up => true the missed ones are charged at once, each once, in order.
 
 -- +goose StatementBegin
--- Pauses an active (or not yet scheduled) plan: nothing more is charged until it is resumed.
--- Charges already made stand. Returns true when this call paused it, false when it was already
+-- Pauses an active (or not yet scheduled) plan: no further installment is charged until it is
+-- resumed. Charges already created stand, even those not yet sent. Returns true when this call paused it, false when it was already
 -- paused. Errors: 22023 missing reason, P0002 unknown plan, 55000 a completed, canceled or invalid
 -- plan.
 create function billing.pause_installment_plan(plan_id bigint, reason text) returns boolean

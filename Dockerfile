@@ -6,7 +6,7 @@ COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
 ARG VERSION=dev
-RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /out/billingd ./cmd/billingd \
+RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X main.buildVersion=${VERSION}" -o /out/billingd ./cmd/billingd \
  && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /out/stripefake ./cmd/stripefake
 
 # Run: distroless static (CA certificates, tzdata, no shell), as the nonroot user.

@@ -222,7 +222,14 @@ func cmdHealthcheck(ctx context.Context, args []string, env config.Env, stderr i
 	return nil
 }
 
+// buildVersion is set at link time (-ldflags "-X main.buildVersion=v1.2.3"; the Dockerfile passes
+// its VERSION build argument), where the build has no module version or VCS information.
+var buildVersion string
+
 func version() string {
+	if buildVersion != "" {
+		return buildVersion
+	}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		if bi.Main.Version != "" && bi.Main.Version != "(devel)" {
 			return bi.Main.Version

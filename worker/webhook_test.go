@@ -229,7 +229,8 @@ func TestWebhookRejectsAndStoresNothing(t *testing.T) {
 	require.GreaterOrEqual(t, webhookCount(t, "rejected")-rejected, float64(len(cases)))
 
 	// The same good event within the tolerance is accepted: the cases above failed for their fault.
-	require.Equal(t, http.StatusOK, b.post(t, good, sign(good, secret, time.Now().Add(-299*time.Second))))
+	// (Signed 290 s ago, not 299: a loaded machine can take a second or more to verify it.)
+	require.Equal(t, http.StatusOK, b.post(t, good, sign(good, secret, time.Now().Add(-290*time.Second))))
 	require.Equal(t, stored{Events: 1, Jobs: 1}, b.stored(t))
 }
 

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/billingd/billingd/internal/config"
+	"github.com/billingd/billingd/jobs"
 )
 
 // statusQueries are the read-only questions `billingd status` asks, in the order it prints them.
@@ -31,8 +32,6 @@ union all
 select 'top-up rules', count(*) filter (where next_due_at <= now()), count(*),
        coalesce(extract(epoch from now() - min(next_due_at) filter (where next_due_at <= now()))::bigint, 0)
 from billing.topup_rules where status = 'active'`
-
-	statusInstallation = `select id::text from billing.installation`
 
 	statusAttempts = `
 select outcome, count(*), coalesce(extract(epoch from now() - min(started_at))::bigint, 0)
@@ -91,8 +90,8 @@ func cmdStatus(ctx context.Context, args []string, env config.Env, stdout, stder
 		return rows.Err()
 	}
 
-	var installation string
-	if err := pool.QueryRow(ctx, statusInstallation).Scan(&installation); err != nil {
+	installation, err := jobs.LoadInstallation(ctx, pool)
+	if err != nil {
 		installation = "unknown (" + err.Error() + ")"
 	}
 	fmt.Fprintf(w, "billingd status at %s, installation %s\n", time.Now().UTC().Format(time.RFC3339), installation)
